@@ -1,0 +1,1 @@
+"""regionclip_d2"""

@@ -1,0 +1,64 @@
+"""Configuration keys of regionclip_d2.
+
+``add_regionclip_config(cfg)`` only adds keys. The ``MODEL.CLIP.*`` names are those
+of the official RegionCLIP code, so published commands and yaml files translate.
+"""
+from detectron2.config import CfgNode as CN
+
+CLIP_PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]  # on 0..1 RGB
+CLIP_PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def add_regionclip_config(cfg):
+    """Add the RegionCLIP keys to a detectron2 config (in place) and return it."""
+    if "CLIP" in cfg.MODEL:
+        return cfg  # already added
+    _C = cfg
+    _C.MODEL.CLIP = CN()
+    c = _C.MODEL.CLIP
+    # --- the CLIP model (recognition branch and language encoder) ---
+    c.OPENCLIP_MODEL = "RN50-quickgelu"  # open_clip model name; OpenAI weights need -quickgelu
+    c.OPENCLIP_MODEL_CONFIG = ""  # optional open_clip model-config JSON for a custom architecture
+    c.CLIP_WEIGHTS = ""  # OpenAI .pt / OpenCLIP checkpoint to initialise backbone + text encoder
+    c.TRUST_CHECKPOINTS = False  # allow pickled (non-weights-only) checkpoint files; only for files you trust
+    # --- localization branch ---
+    c.CROP_REGION_TYPE = "RPN"  # where regions come from: GT | RPN | GRID | RANDOM
+    c.OFFLINE_RPN_CONFIG = ""  # detectron2 yaml of the separate (frozen) RPN branch
+    c.BB_RPN_WEIGHTS = ""  # weights of the RPN branch (offline_backbone + offline_proposal_generator)
+    c.OFFLINE_RPN_NMS_THRESH = 0.0  # override the RPN branch's NMS threshold (0 = keep its config)
+    c.OFFLINE_RPN_POST_NMS_TOPK_TEST = 0  # override its post-NMS top-k at test time (0 = keep)
+    c.TRAIN_OFFLINE_RPN = False  # train the RPN branch with the detector (default: frozen)
+    c.GRID_REGIONS = [3, 3]  # GRID regions: rows, columns of the grid over the image
+    c.RANDOM_REGIONS = 100  # RANDOM regions: boxes drawn per image
+    # --- open-vocabulary classifier ---
+    c.USE_TEXT_EMB_CLASSIFIER = True  # classifier = frozen text embeddings (always true here)
+    c.TEXT_EMB_PATH = ""  # [C, D] .pth of class text embeddings used in training (and test if no OPENSET)
+    c.TEXT_EMB_DIM = 1024  # D, the CLIP joint embedding dimension (1024 RN50, 640 RN50x4)
+    c.VOCABULARY = ""  # builtin vocabulary name or names file, embedded on the fly (instead of TEXT_EMB_PATH)
+    c.OPENSET_TEST_NUM_CLASSES = 0  # number of test classes when the test vocabulary differs (0 = same)
+    c.OPENSET_TEST_TEXT_EMB_PATH = ""  # [C_test, D] .pth used at test time
+    c.OPENSET_TEST_VOCABULARY = ""  # builtin name or names file for test time (instead of the .pth)
+    c.PROMPT_TEMPLATES = "imagenet80"  # templates for on-the-fly embedding: imagenet80 | single
+    c.CLSS_TEMP = 0.01  # temperature of the cosine-similarity logits
+    c.NO_BOX_DELTA = False  # inference uses the regions as boxes (no regression deltas)
+    c.BG_CLS_LOSS_WEIGHT = 1.0  # weight of the background class in the classification loss
+    c.FOCAL_SCALED_LOSS = 0.0  # focal scaling gamma of the cross entropy (0 = plain CE)
+    c.MULTIPLY_RPN_SCORE = False  # score = sqrt(sigmoid(objectness) * p_cls)
+    c.MULTIPLY_RPN_SCORE_LEGACY = False  # official behaviour: sqrt(raw_logit * p); NaN regions dropped
+    c.ONLY_SAMPLE_FG_PROPOSALS = False  # train on foreground proposals only
+    c.REGION_CHUNK_SIZE = 0  # run res5 + attention pool over at most this many regions at once (0 = all)
+    # --- region-text pretraining ---
+    c.PRETRAIN_IMG_TXT_LEVEL = True  # add the image-text contrastive loss
+    c.PRETRAIN_ONLY_EOT = False  # caption embedding from the end-of-text token only
+    c.PRETRAIN_RPN_REGIONS = 300  # regions kept per image after the RPN branch's NMS
+    c.PRETRAIN_SAMPLE_REGIONS = 100  # regions sampled per image for the losses
+    c.GATHER_GPUS = False  # gather image-text pairs across processes for the contrastive loss
+    c.CONCEPT_POOL_EMB = ""  # [M, D] .pth of concept embeddings (student side)
+    c.CONCEPT_THRES = 0.1  # drop regions whose best teacher concept probability is below this
+    c.TEACHER_RESNETS_DEPTH = 50  # depth flag of the teacher (official: 50 RN50, 200 RN50x4)
+    c.TEACHER_OPENCLIP_MODEL = ""  # open_clip name of the teacher (empty = same as OPENCLIP_MODEL)
+    c.TEACHER_CLIP_WEIGHTS = ""  # teacher weights (empty = CLIP_WEIGHTS)
+    c.TEACHER_CONCEPT_POOL_EMB = ""  # [M, D_teacher] concept embeddings for the teacher (empty = CONCEPT_POOL_EMB)
+    c.TEACHER_POOLER_RESOLUTION = 14  # RoIAlign output size of the teacher
+    c.PRETRAIN_LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # region contrastive, region distillation, image-text
+    return cfg

@@ -1,0 +1,2 @@
+from .attention_pool import attention_pool, interpolate_positional_embedding
+from .clip_resnet import CLIPResNet, build_clip_resnet_backbone, build_clip_resnet_fpn_backbone

