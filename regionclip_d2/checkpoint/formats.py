@@ -1,0 +1,162 @@
+"""Reading weight files and mapping their keys onto regionclip_d2 models.
+
+Formats understood:
+- OpenAI CLIP ``.pt`` (TorchScript archive) and plain state dicts of it;
+- OpenCLIP checkpoints (state dict, ``{"state_dict": ...}`` training checkpoints, or
+  ``.safetensors``), keys ``visual.*`` + text tower keys;
+- official RegionCLIP and regionclip_d2 ``.pth`` (``{"model": state_dict}`` with
+  detectron2-style keys ``backbone.*``, ``lang_encoder.*``, ``roi_heads.*``,
+  ``offline_backbone.*``, ``offline_proposal_generator.*``, ``teacher_backbone.*``);
+- detectron2 checkpoints of the RPN branch (``backbone.*``, ``proposal_generator.*``).
+
+Every pickle-based read uses ``torch.load(weights_only=True)`` unless the caller
+passes ``trusted=True``.
+"""
+import logging
+import os
+import zipfile
+from typing import Dict, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Text-tower keys of an OpenAI / OpenCLIP CLIP state dict (everything not under visual.*).
+TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.",
+                 "text_projection")
+# Keys of official checkpoints that hold a vocabulary, not weights: the vocabulary is
+# set by config or at run time, never taken from a weight file.
+VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.cls_bg_score.",
+                   "roi_heads.box_predictor.test_cls_score.")
+
+
+class CheckpointFormatError(ValueError):
+    pass
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_checkpoint(path: str, trusted: bool = False) -> Dict:
+    """Read a weight file into a dict (the checkpoint's top level, unwrapped only of
+    TorchScript). Refuses files that need unpickling arbitrary objects unless ``trusted``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    if path.endswith(".pkl"):
+        if not trusted:
+            raise CheckpointFormatError(
+                f"{path!r} is a pickle file, which can run code when loaded; regionclip_d2 loads it "
+                "only if you trust it: set MODEL.CLIP.TRUST_CHECKPOINTS True (or pass --trust)")
+        import pickle
+
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+        if isinstance(data, dict) and "model" not in data and "blobs" in data:
+            data = data["blobs"]
+        return data
+    if _is_torchscript(path):
+        # OpenAI's original CLIP files: a TorchScript archive (no arbitrary pickle code).
+        module = torch.jit.load(path, map_location="cpu")
+        return {k: v for k, v in module.state_dict().items()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as e:
+        if trusted:
+            raise
+        raise CheckpointFormatError(
+            f"{path!r} cannot be loaded with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). It holds Python objects beyond tensors; load it only "
+            "if you trust its source: set MODEL.CLIP.TRUST_CHECKPOINTS True (or pass --trust)") from e
+
+
+def unwrap_state_dict(data) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: ``data["model"]`` (detectron2),
+    ``data["state_dict"]`` (OpenCLIP training), or ``data``; ``module.`` stripped;
+    numpy arrays turned into tensors; non-tensor entries dropped."""
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"checkpoint holds a {type(data).__name__}, not a dict of weights")
+    for key in ("model", "state_dict"):
+        if key in data and isinstance(data[key], dict):
+            data = data[key]
+            break
+    out = {}
+    for k, v in data.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if not torch.is_tensor(v):
+            try:
+                import numpy as np
+
+                if isinstance(v, np.ndarray):
+                    v = torch.from_numpy(v)
+                else:
+                    continue
+            except ImportError:
+                continue
+        out[k] = v
+    return out
+
+
+def detect_format(sd: Dict[str, torch.Tensor]) -> str:
+    """``clip`` (OpenAI / OpenCLIP keys), ``regionclip`` (detector keys incl. a CLIP
+    ResNet backbone), ``detectron2`` (other detectron2 model) or ``unknown``."""
+    keys = list(sd)
+    if any(k.startswith("visual.") for k in keys) or "token_embedding.weight" in sd:
+        return "clip"
+    if any(k.startswith(("backbone.attnpool.", "backbone.bottom_up.attnpool.", "lang_encoder.",
+                         "teacher_backbone.", "offline_backbone.")) for k in keys):
+        return "regionclip"
+    if any(k.startswith(("backbone.", "proposal_generator.", "roi_heads.")) for k in keys):
+        return "detectron2"
+    return "unknown"
+
+
+def clip_to_detector_keys(sd: Dict[str, torch.Tensor], visual_prefixes=("backbone.",),
+                          text_prefix: str = "lang_encoder.") -> Dict[str, torch.Tensor]:
+    """Map an OpenAI / OpenCLIP state dict onto detector keys: ``visual.X`` ->
+    ``<p>X`` for each visual prefix, text tower keys -> ``lang_encoder.X``; ``logit_scale``
+    and ``attn_mask`` are dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("visual."):
+            for p in visual_prefixes:
+                out[p + k[len("visual."):]] = v
+        elif k.startswith(TEXT_PREFIXES) and text_prefix is not None:
+            out[text_prefix + k] = v
+    return out
+
+
+def rpn_to_offline_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A detectron2 RPN checkpoint (``backbone.*``, ``proposal_generator.*``) onto the
+    detector's localization branch (``offline_backbone.*``, ``offline_proposal_generator.*``).
+    Keys already in offline form are kept; anything else (e.g. ``roi_heads``) is dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("offline_backbone.", "offline_proposal_generator.")):
+            out[k] = v
+        elif k.startswith("backbone."):
+            out["offline_" + k] = v
+        elif k.startswith("proposal_generator."):
+            out["offline_" + k] = v
+    return out
+
+
+def load_state_dict_file(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Read any supported weight file: (state dict, detected format)."""
+    sd = unwrap_state_dict(read_checkpoint(path, trusted=trusted))
+    fmt = detect_format(sd)
+    if fmt == "unknown":
+        sample = ", ".join(list(sd)[:5])
+        raise CheckpointFormatError(
+            f"unknown checkpoint format in {path!r} (first keys: {sample}): expected an OpenAI/OpenCLIP "
+            "CLIP file (visual.*, token_embedding.*), an official RegionCLIP or regionclip_d2 checkpoint "
+            "(backbone.*, lang_encoder.*, ...) or a detectron2 RPN checkpoint")
+    return sd, fmt

@@ -1,0 +1,199 @@
+"""Loading weights into regionclip_d2 models, whatever the file's format.
+
+``adapt_state_dict`` maps a state dict onto a model's keys. Detector meta-
+architectures install it as a load hook (``install_load_hook``), so every loader
+(detectron2's ``DetectionCheckpointer`` inside ``DefaultPredictor``, our
+``RegionCLIPCheckpointer``, a plain ``load_state_dict``) gets the same conversion.
+"""
+import logging
+from collections import defaultdict
+from typing import Dict
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import FrozenBatchNorm2d
+
+from .formats import (VOCABULARY_KEYS, CheckpointFormatError, clip_to_detector_keys, detect_format,
+                      load_state_dict_file, read_checkpoint, rpn_to_offline_keys, unwrap_state_dict)
+
+logger = logging.getLogger(__name__)
+
+_TOP = ("backbone.bottom_up.", "backbone.", "teacher_backbone.", "lang_encoder.", "roi_heads.",
+        "offline_backbone.", "offline_proposal_generator.", "proposal_generator.")
+
+
+def adapt_state_dict(sd: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
+    """Return ``sd`` with keys mapped onto ``model_keys`` (a set of the model's state-dict keys)."""
+    model_keys = set(model_keys)
+    fmt = detect_format(sd)
+    if fmt == "clip":
+        visual = [p for p in ("backbone.", "backbone.bottom_up.", "teacher_backbone.")
+                  if p + "conv1.weight" in model_keys]
+        text = "lang_encoder." if "lang_encoder.token_embedding.weight" in model_keys else None
+        return clip_to_detector_keys(sd, visual, text)
+    out = {}
+    fpn = "backbone.bottom_up.conv1.weight" in model_keys and "backbone.conv1.weight" not in model_keys
+    for k, v in sd.items():
+        if k.startswith(VOCABULARY_KEYS):
+            continue  # vocabulary comes from config / run time, not from weight files
+        if fpn and k.startswith("backbone.") and not k.startswith(("backbone.bottom_up.", "backbone.fpn_")) \
+                and "backbone.bottom_up." + k[len("backbone."):] in model_keys:
+            k = "backbone.bottom_up." + k[len("backbone."):]
+        out[k] = v
+    return out
+
+
+def protect_frozen_bn(sd: Dict[str, torch.Tensor], model: nn.Module):
+    """Keep FrozenBN statistics of modules a file does not cover.
+
+    detectron2's FrozenBatchNorm2d fills missing running mean/var with 0/1 when a state
+    dict carries no version metadata; with torch 2 that silently resets every FrozenBN
+    of a branch the file does not contain (the official code loses the CLIP backbone's
+    statistics when it loads the separate RPN file). Insert the current values instead.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            p = name + "." if name else ""
+            if p + "weight" not in sd and p + "running_mean" not in sd:
+                sd[p + "running_mean"] = m.running_mean.detach().clone()
+                sd[p + "running_var"] = m.running_var.detach().clone()
+
+
+def install_load_hook(model: nn.Module):
+    """Make ``model.load_state_dict`` accept any supported format (see module docstring)."""
+
+    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if prefix:
+            return
+        adapted = adapt_state_dict(dict(state_dict), _model_keys(model))
+        if getattr(model, "_rpn_weights_file", ""):
+            dropped = [k for k in adapted if k.startswith(("offline_backbone.", "offline_proposal_generator."))]
+            for k in dropped:
+                del adapted[k]
+            if dropped:
+                logger.info("RPN branch weights come from MODEL.CLIP.BB_RPN_WEIGHTS (%s); ignoring the "
+                            "%d offline_* keys of this checkpoint", model._rpn_weights_file, len(dropped))
+        protect_frozen_bn(adapted, model)
+        state_dict.clear()
+        state_dict.update(adapted)
+
+    model._register_load_state_dict_pre_hook(hook)
+
+
+def _model_keys(model):
+    return set(model.state_dict().keys())
+
+
+def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str):
+    """Raise on shape mismatches and on modules the file covers only in part."""
+    model_sd = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in sd.items()
+           if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
+    if bad:
+        lines = "\n".join(f"  {k}: checkpoint {a} vs model {b}" for k, a, b in bad[:10])
+        raise CheckpointFormatError(
+            f"{source}: {len(bad)} weight(s) have the wrong shape:\n{lines}\nThe file is for a different "
+            "architecture: set MODEL.CLIP.OPENCLIP_MODEL (or OPENCLIP_MODEL_CONFIG) to the model the "
+            "weights were trained with")
+    covered = defaultdict(int)
+    for k in sd:
+        if k in model_sd:
+            covered[_top(k)] += 1
+    missing = defaultdict(list)
+    for k in model_sd:
+        if k.endswith("num_batches_tracked"):
+            continue
+        top = _top(k)
+        if covered.get(top) and k not in sd:
+            missing[top].append(k)
+    if missing:
+        top, keys = max(missing.items(), key=lambda kv: len(kv[1]))
+        raise CheckpointFormatError(
+            f"{source} provides {top}* but lacks {len(keys)} of its weights (e.g. {keys[:5]}): the file is "
+            "incomplete or from a different architecture; set MODEL.CLIP.OPENCLIP_MODEL to match it")
+    matched = sum(covered.values())
+    if sd and not matched:
+        raise CheckpointFormatError(
+            f"{source}: none of its {len(sd)} keys match the model (first: {list(sd)[:3]}); "
+            "it is not a checkpoint for this architecture")
+    unexpected = [k for k in sd if k not in model_sd and not k.endswith("num_batches_tracked")]
+    if unexpected:
+        logger.warning("%s: %d key(s) not used by the model, e.g. %s", source, len(unexpected), unexpected[:5])
+
+
+def _top(key):
+    for p in _TOP:
+        if key.startswith(p):
+            return p
+    return key.split(".")[0] + "."
+
+
+class RegionCLIPCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer with every regionclip_d2 format, weights-only loading
+    unless ``trusted``, and clear errors for mismatched files."""
+
+    def __init__(self, model, save_dir="", *, trusted: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.trusted = trusted
+
+    def _load_file(self, filename):
+        data = read_checkpoint(filename, trusted=self.trusted)
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data = dict(data)
+            data["model"] = unwrap_state_dict(data["model"])
+            return data
+        return {"model": unwrap_state_dict(data)}
+
+    def _load_model(self, checkpoint):
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        sd = adapt_state_dict(checkpoint["model"], _model_keys(model))
+        if detect_format(checkpoint["model"]) == "unknown":
+            raise CheckpointFormatError(
+                f"unknown checkpoint format (first keys: {list(checkpoint['model'])[:5]})")
+        check_compatible(sd, model, "checkpoint")
+        checkpoint["model"] = sd
+        checkpoint.pop("matching_heuristics", None)
+        return super()._load_model(checkpoint)
+
+
+def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Module = None,
+                      trusted: bool = False):
+    """Load an OpenAI / OpenCLIP file (or a regionclip checkpoint's backbone/lang_encoder)
+    into a CLIP ResNet backbone and/or language encoder, strictly."""
+    sd, fmt = load_state_dict_file(path, trusted=trusted)
+    if fmt == "clip":
+        vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        txt = {k: v for k, v in sd.items() if k.startswith(tuple(
+            ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")))}
+    else:
+        pre = "backbone.bottom_up." if any(k.startswith("backbone.bottom_up.") for k in sd) else "backbone."
+        vis = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        txt = {k[len("lang_encoder."):]: v for k, v in sd.items() if k.startswith("lang_encoder.")}
+    for module, part, what in ((backbone, vis, "image tower"), (lang_encoder, txt, "text tower")):
+        if module is None:
+            continue
+        if not part:
+            raise CheckpointFormatError(f"{path!r} has no {what} weights")
+        check_compatible(part, module, f"{path!r} ({what})")
+        module.load_state_dict(part, strict=False)
+    return fmt
+
+
+def load_rpn_weights(path: str, model: nn.Module, trusted: bool = False):
+    """Load the localization branch (``offline_backbone`` + ``offline_proposal_generator``)
+    from a detectron2 RPN checkpoint or a full regionclip checkpoint, strictly."""
+    data = read_checkpoint(path, trusted=trusted)
+    sd = rpn_to_offline_keys(unwrap_state_dict(data))
+    if not sd:
+        raise CheckpointFormatError(
+            f"MODEL.CLIP.BB_RPN_WEIGHTS={path!r} holds no backbone.* / proposal_generator.* weights: "
+            "give the checkpoint of the RPN branch (e.g. trained with configs/LVISv1-RPN or COCO-RPN)")
+    for name in ("offline_backbone", "offline_proposal_generator"):
+        module = getattr(model, name)
+        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        if not part:
+            raise CheckpointFormatError(f"{path!r} has no weights for the RPN branch's {name}")
+        check_compatible(part, module, f"MODEL.CLIP.BB_RPN_WEIGHTS {path!r} ({name})")
+        module.load_state_dict(part, strict=False)

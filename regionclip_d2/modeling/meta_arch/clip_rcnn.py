@@ -1,0 +1,357 @@
+"""CLIPFastRCNN: the open-vocabulary detector of RegionCLIP.
+
+image -> regions (the frozen RPN branch, GT boxes or given proposals) -> RoI features
+(CLIP backbone: res4, RoIAlign, res5, attention pool) -> scores against the vocabulary's
+text embeddings -> fused scores -> Instances.
+"""
+import copy
+import logging
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectron2.config import configurable, get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, ImageList, Instances
+
+from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ...data.vocabularies import load_vocabulary
+from ..text import build_language_encoder, embed_class_names, load_text_embeddings
+from ..text.templates import get_templates
+
+logger = logging.getLogger(__name__)
+
+REGION_TYPES = ("RPN", "GT", "PROPOSALS")
+
+
+def build_offline_rpn_cfg(cfg):
+    """The detectron2 config of the separate RPN branch, with the overrides of MODEL.CLIP."""
+    if not cfg.MODEL.CLIP.OFFLINE_RPN_CONFIG:
+        raise ValueError("MODEL.CLIP.CROP_REGION_TYPE is 'RPN' but MODEL.CLIP.OFFLINE_RPN_CONFIG is empty: "
+                         "give the yaml of the RPN branch, or set CROP_REGION_TYPE to 'GT'")
+    from ... import resolve_config_path
+
+    ocfg = get_cfg()
+    ocfg.set_new_allowed(True)
+    ocfg.merge_from_file(resolve_config_path(cfg.MODEL.CLIP.OFFLINE_RPN_CONFIG))
+    if cfg.MODEL.CLIP.OFFLINE_RPN_NMS_THRESH:
+        ocfg.MODEL.RPN.NMS_THRESH = cfg.MODEL.CLIP.OFFLINE_RPN_NMS_THRESH
+    if cfg.MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST:
+        ocfg.MODEL.RPN.POST_NMS_TOPK_TEST = cfg.MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST
+    ocfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    return ocfg
+
+
+@META_ARCH_REGISTRY.register()
+class CLIPFastRCNN(nn.Module):
+    """Two branches: localization (a frozen detectron2 backbone + RPN, its own input
+    format and normalisation) and recognition (a CLIP ResNet + CLIP RoI head).
+
+    Regions come from ``region_type``: ``RPN`` (the RPN branch), ``GT`` (the boxes of
+    each input's ``instances``) or ``PROPOSALS`` (each input's ``proposals``).
+    """
+
+    @configurable
+    def __init__(self, *, backbone, roi_heads, lang_encoder=None, offline_backbone=None,
+                 offline_proposal_generator=None, region_type: str = "RPN",
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
+                 offline_pixel_mean: Sequence[float] = (103.53, 116.28, 123.675),
+                 offline_pixel_std: Sequence[float] = (1.0, 1.0, 1.0), offline_input_format: str = "BGR",
+                 train_offline_rpn: bool = False, prompt_templates: str = "imagenet80",
+                 setup_cfg=None):
+        super().__init__()
+        if region_type not in REGION_TYPES:
+            raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r}: use one of {REGION_TYPES}")
+        if region_type == "RPN" and (offline_backbone is None or offline_proposal_generator is None):
+            raise ValueError("region type RPN needs the RPN branch (MODEL.CLIP.OFFLINE_RPN_CONFIG)")
+        self.backbone = backbone
+        self.roi_heads = roi_heads
+        self.lang_encoder = lang_encoder
+        self.offline_backbone = offline_backbone
+        self.offline_proposal_generator = offline_proposal_generator
+        self.region_type = region_type
+        self.input_format = input_format
+        self.offline_input_format = offline_input_format
+        self.train_offline_rpn = train_offline_rpn
+        self.prompt_templates = prompt_templates
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
+        # official convention: a mean summing to < 3 means the model works on 0..1 input
+        self.div_pixel = float(np.sum(pixel_mean)) < 3.0
+        self.offline_div_pixel = float(np.sum(offline_pixel_mean)) < 3.0
+        self._rpn_weights_file = ""
+        self.weights_loaded = False  # set by load_regionclip_weights once real weights arrive
+        if self.offline_backbone is not None and not train_offline_rpn:
+            for m in (self.offline_backbone, self.offline_proposal_generator):
+                for p in m.parameters():
+                    p.requires_grad = False
+        if self.lang_encoder is not None:
+            for p in self.lang_encoder.parameters():
+                p.requires_grad = False
+        self._vocab_specs = {}  # "train"/"test" -> vocabulary given as names
+        self._stale_vocab = set()  # names-based vocabularies to re-embed (after new weights)
+        install_load_hook(self)
+        self.register_load_state_dict_post_hook(self._after_load)
+        if setup_cfg is not None:
+            setup_from_cfg(self, setup_cfg)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys):
+        # new language-encoder weights: vocabularies given as names are embedded again
+        module._stale_vocab |= set(module._vocab_specs)
+
+    def _refresh_vocabulary(self):
+        for split in sorted(self._stale_vocab):
+            self.set_vocabulary(self._vocab_specs[split], train=(split == "train"))
+        self._stale_vocab.clear()
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.CLIP
+        backbone = build_backbone(cfg)
+        ret = {
+            "backbone": backbone,
+            "roi_heads": build_roi_heads(cfg, backbone.output_shape()),
+            "lang_encoder": build_language_encoder(c.OPENCLIP_MODEL, c.OPENCLIP_MODEL_CONFIG),
+            "region_type": c.CROP_REGION_TYPE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "train_offline_rpn": c.TRAIN_OFFLINE_RPN,
+            "prompt_templates": c.PROMPT_TEMPLATES,
+            "setup_cfg": cfg,
+        }
+        if c.CROP_REGION_TYPE == "RPN":
+            ocfg = build_offline_rpn_cfg(cfg)
+            ob = build_backbone(ocfg)
+            ret.update(offline_backbone=ob, offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
+                       offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
+                       offline_input_format=ocfg.INPUT.FORMAT)
+        return ret
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @property
+    def clip_resnet(self):
+        """The CLIP ResNet (``backbone`` in C4, ``backbone.bottom_up`` in FPN)."""
+        return getattr(self.backbone, "bottom_up", self.backbone)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip_resnet.embed_dim
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return self.roi_heads.box_predictor.class_names
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.offline_backbone is not None and not self.train_offline_rpn:
+            self.offline_backbone.eval()  # the RPN branch is always in eval mode when frozen
+            self.offline_proposal_generator.eval()
+        if self.lang_encoder is not None:
+            self.lang_encoder.eval()
+        return self
+
+    def embed_vocabulary(self, vocabulary) -> (torch.Tensor, List[str]):
+        """Names (list, builtin name, file or 'a,b,c') -> (``[C, D]`` embeddings, names)."""
+        if self.lang_encoder is None:
+            raise RuntimeError("this model has no language encoder: pass a [C, D] tensor instead of names")
+        names = load_vocabulary(vocabulary)
+        emb = embed_class_names(names, self.lang_encoder, templates=self.prompt_templates)
+        return emb, names
+
+    def set_vocabulary(self, vocabulary: Union[Sequence[str], str, torch.Tensor],
+                       names: Optional[Sequence[str]] = None, train: bool = False):
+        """Set the vocabulary used by the next inference (or training, with ``train=True``).
+
+        ``vocabulary``: class names (a list, a builtin name such as ``coco`` / ``lvis``, a
+        .txt/.json file, or ``"a,b,c"``), embedded with the model's language encoder
+        (cached on disk), or a ``[C, D]`` tensor of text embeddings (then ``names`` is optional).
+        """
+        if torch.is_tensor(vocabulary):
+            emb = vocabulary
+            if names is not None and len(names) != emb.shape[0]:
+                raise ValueError(f"{len(names)} names given for {emb.shape[0]} embeddings")
+        else:
+            emb, names = self.embed_vocabulary(vocabulary)
+            self._vocab_specs["train" if train else "test"] = list(names)
+        pred = self.roi_heads.box_predictor
+        if train:
+            pred.set_train_vocabulary(emb, names)
+        else:
+            pred.set_test_vocabulary(emb, names)
+        return names
+
+    # ------------------------------------------------------------------ input
+    def preprocess_image(self, batched_inputs):
+        """Recognition branch input: RGB, /255 when the mean is in 0..1 units, CLIP
+        normalisation, zero padding (in normalised space) to the batch's largest size."""
+        images = [self._to_format(x["image"], self.input_format).to(self.device) for x in batched_inputs]
+        if self.div_pixel:
+            images = [x / 255.0 for x in images]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def offline_preprocess_image(self, batched_inputs):
+        """RPN branch input: its own format, mean/std, padded to its size divisibility."""
+        images = [self._to_format(x["image"], self.offline_input_format).to(self.device).float()
+                  for x in batched_inputs]
+        if self.offline_div_pixel:
+            images = [x / 255.0 for x in images]
+        images = [(x - self.offline_pixel_mean) / self.offline_pixel_std for x in images]
+        return ImageList.from_tensors(images, self.offline_backbone.size_divisibility)
+
+    def _to_format(self, image: torch.Tensor, fmt: str) -> torch.Tensor:
+        # Inputs follow cfg.INPUT.FORMAT (the recognition branch's); flip for the other format.
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"each input 'image' must be a [3, H, W] tensor in {self.input_format} order, "
+                             f"got shape {tuple(image.shape)}")
+        if fmt != self.input_format and {fmt, self.input_format} == {"RGB", "BGR"}:
+            image = image.flip(0)
+        return image.float()
+
+    # ------------------------------------------------------------------ regions
+    def get_regions(self, batched_inputs, gt_instances=None) -> List[Instances]:
+        if self.region_type == "GT":
+            regions = []
+            for x in batched_inputs:
+                if "instances" not in x:
+                    raise ValueError("MODEL.CLIP.CROP_REGION_TYPE is 'GT' but an input has no 'instances': "
+                                     "give ground-truth boxes (instances.gt_boxes) or use the RPN")
+                inst = x["instances"].to(self.device)
+                r = Instances(inst.image_size)
+                r.proposal_boxes = inst.gt_boxes.clone()
+                regions.append(r)
+            return regions
+        if self.region_type == "PROPOSALS":
+            regions = []
+            for x in batched_inputs:
+                if "proposals" not in x:
+                    raise ValueError("MODEL.CLIP.CROP_REGION_TYPE is 'PROPOSALS' but an input has no 'proposals'")
+                regions.append(x["proposals"].to(self.device))
+            return regions
+        with torch.set_grad_enabled(self.training and self.train_offline_rpn):
+            images = self.offline_preprocess_image(batched_inputs)
+            features = self.offline_backbone(images.tensor)
+            proposals, losses = self.offline_proposal_generator(
+                images, features, gt_instances if self.training and self.train_offline_rpn else None)
+        self._rpn_losses = losses if self.training and self.train_offline_rpn else {}
+        return [p.to(self.device) for p in proposals]
+
+    def region_encoder(self):
+        return self.clip_resnet.encode_pooled_regions
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        if self._stale_vocab:
+            self._refresh_vocabulary()
+        if not self.training:
+            return self.inference(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs] \
+            if "instances" in batched_inputs[0] else None
+        regions = self.get_regions(batched_inputs, gt_instances)
+        if self.region_type == "GT":
+            for r in regions:
+                r.objectness_logits = torch.ones(len(r), device=self.device)
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        _, losses = self.roi_heads(images, features, regions, gt_instances, region_encoder=self.region_encoder())
+        losses.update(getattr(self, "_rpn_losses", {}))
+        return losses
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        assert not self.training
+        if self._stale_vocab:
+            self._refresh_vocabulary()
+        regions = self.get_regions(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        results = [None] * len(batched_inputs)
+        nonempty = [i for i, r in enumerate(regions) if len(r) > 0]
+        if nonempty:
+            features = self.backbone(images.tensor)
+            if len(nonempty) < len(regions):
+                features = {k: v[nonempty] for k, v in features.items()}
+                sub_images = ImageList(images.tensor[nonempty], [images.image_sizes[i] for i in nonempty])
+            else:
+                sub_images = images
+            outs, _ = self.roi_heads(sub_images, features, [regions[i] for i in nonempty], None,
+                                     region_encoder=self.region_encoder())
+            for i, o in zip(nonempty, outs):
+                results[i] = o
+        for i, r in enumerate(regions):
+            if results[i] is None:  # no region in this image: no detection
+                empty = Instances(images.image_sizes[i])
+                empty.pred_boxes = Boxes(torch.zeros(0, 4, device=self.device))
+                empty.scores = torch.zeros(0, device=self.device)
+                empty.pred_classes = torch.zeros(0, dtype=torch.long, device=self.device)
+                results[i] = empty
+        if not do_postprocess:
+            return results
+        out = []
+        for res, x, size in zip(results, batched_inputs, images.image_sizes):
+            h = x.get("height", size[0])
+            w = x.get("width", size[1])
+            out.append({"instances": detector_postprocess(res, h, w)})
+        return out
+
+
+def setup_from_cfg(model: CLIPFastRCNN, cfg):
+    """Load what the config names at construction time, so that every way of building
+    the model (``build_model``, ``DefaultPredictor``, ``train_net.py``) gets it:
+    CLIP_WEIGHTS (backbone + language encoder), BB_RPN_WEIGHTS (the RPN branch) and
+    the vocabularies (TEXT_EMB_PATH / VOCABULARY, OPENSET_TEST_*), with NUM_CLASSES checked."""
+    c = cfg.MODEL.CLIP
+    trusted = c.TRUST_CHECKPOINTS
+    if c.CLIP_WEIGHTS:
+        load_clip_weights(c.CLIP_WEIGHTS, backbone=model.clip_resnet, lang_encoder=model.lang_encoder,
+                          trusted=trusted)
+        model.weights_loaded = True
+        logger.info("loaded CLIP weights from %s", c.CLIP_WEIGHTS)
+    if c.BB_RPN_WEIGHTS:
+        if model.offline_backbone is None:
+            logger.warning("MODEL.CLIP.BB_RPN_WEIGHTS is set but CROP_REGION_TYPE=%s has no RPN branch; "
+                           "ignoring it", model.region_type)
+        else:
+            load_rpn_weights(c.BB_RPN_WEIGHTS, model, trusted=trusted)
+            model._rpn_weights_file = c.BB_RPN_WEIGHTS
+            logger.info("loaded the RPN branch from %s", c.BB_RPN_WEIGHTS)
+    if model.embed_dim != c.TEXT_EMB_DIM:
+        raise ValueError(f"MODEL.CLIP.TEXT_EMB_DIM={c.TEXT_EMB_DIM} but {c.OPENCLIP_MODEL or c.OPENCLIP_MODEL_CONFIG} "
+                         f"produces {model.embed_dim}-d region embeddings: set MODEL.CLIP.TEXT_EMB_DIM "
+                         f"{model.embed_dim}")
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for split, path, vocab, key, n_key, n_expected in (
+        ("train", c.TEXT_EMB_PATH, c.VOCABULARY, "MODEL.CLIP.TEXT_EMB_PATH", "MODEL.ROI_HEADS.NUM_CLASSES", num_classes),
+        ("test", c.OPENSET_TEST_TEXT_EMB_PATH, c.OPENSET_TEST_VOCABULARY, "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH",
+         "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", c.OPENSET_TEST_NUM_CLASSES),
+    ):
+        if path and vocab:
+            raise ValueError(f"both {key} and a vocabulary of names are set for the {split} vocabulary: keep one")
+        if path:
+            emb = load_text_embeddings(path, model.embed_dim, key, trusted=trusted)
+            n = emb.shape[0]
+        elif vocab:
+            names = load_vocabulary(vocab)
+            n, emb = len(names), None
+        else:
+            continue
+        if n_expected and n != n_expected:
+            raise ValueError(f"the {split} vocabulary has {n} classes but {n_key}={n_expected}: set {n_key} {n}")
+        if split == "train" and not n_expected:
+            raise ValueError(f"set {n_key} {n} to match the training vocabulary")
+        if emb is not None:
+            model.set_vocabulary(emb, train=(split == "train"))
+        else:  # embedded lazily, after the weights are loaded
+            model._vocab_specs[split] = names
+            model._stale_vocab.add(split)

@@ -1,0 +1,203 @@
+"""The open-vocabulary box predictor: region features scored against text embeddings.
+
+``logits = [cos(x, W_1) .. cos(x, W_C), cos(x, 0)] / T`` where ``cos(x, 0) = 0`` (the
+all-zero background embedding, appended last) and ``T = CLSS_TEMP`` (0.01). Box
+regression is class-agnostic. The vocabulary is a buffer, not a weight: it is set from
+config or at run time (:meth:`set_vocabulary`) and never read from a weight file.
+"""
+import logging
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, cat
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
+
+logger = logging.getLogger(__name__)
+
+
+class NoVocabularyError(RuntimeError):
+    pass
+
+
+class OpenVocabularyPredictor(FastRCNNOutputLayers):
+    """FastRCNNOutputLayers whose classifier is a frozen text-embedding matrix.
+
+    Args (besides FastRCNNOutputLayers'):
+        embed_dim: D, the dimension of region features and text embeddings.
+        temperature: logits are cosine similarities divided by this.
+        bg_loss_weight: weight of the background class in the classification loss.
+        focal_gamma: focal scaling ``(1 - p_t)^gamma`` of the cross entropy (0 = plain CE).
+        no_box_delta: at inference, boxes are the regions themselves (no deltas).
+        fusion: ``"none"`` | ``"geometric"`` (``sqrt(sigmoid(objectness) * p)``) |
+            ``"legacy"`` (official: ``sqrt(objectness_logit * p)``; regions with a
+            negative logit give NaN and are dropped).
+        only_fg: train the classifier on foreground regions only.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, embed_dim: int, temperature: float = 0.01,
+                 bg_loss_weight: float = 1.0, focal_gamma: float = 0.0, no_box_delta: bool = False,
+                 fusion: str = "none", only_fg: bool = False, **kwargs):
+        kwargs["cls_agnostic_bbox_reg"] = True
+        super().__init__(input_shape, num_classes=1, **kwargs)
+        del self.cls_score  # replaced by the text-embedding classifier
+        in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
+        # a learned projection only when region features are not already in the joint space
+        self.projection = nn.Linear(in_dim, embed_dim) if in_dim != embed_dim else None
+        self.embed_dim = embed_dim
+        self.temperature = temperature
+        self.bg_loss_weight = bg_loss_weight
+        self.focal_gamma = focal_gamma
+        self.no_box_delta = no_box_delta
+        if fusion not in ("none", "geometric", "legacy"):
+            raise ValueError(f"unknown score fusion {fusion!r}")
+        self.fusion = fusion
+        self.only_fg = only_fg
+        self.register_buffer("train_embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("test_embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self.train_class_names: Optional[List[str]] = None
+        self.test_class_names: Optional[List[str]] = None
+        self.num_classes = 0
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.pop("num_classes", None)
+        ret.pop("cls_agnostic_bbox_reg", None)
+        c = cfg.MODEL.CLIP
+        if c.MULTIPLY_RPN_SCORE_LEGACY:
+            fusion = "legacy"
+        elif c.MULTIPLY_RPN_SCORE:
+            fusion = "geometric"
+        else:
+            fusion = "none"
+        ret.update(embed_dim=c.TEXT_EMB_DIM, temperature=c.CLSS_TEMP, bg_loss_weight=c.BG_CLS_LOSS_WEIGHT,
+                   focal_gamma=c.FOCAL_SCALED_LOSS, no_box_delta=c.NO_BOX_DELTA, fusion=fusion,
+                   only_fg=c.ONLY_SAMPLE_FG_PROPOSALS)
+        return ret
+
+    # ---- vocabulary ----
+    def _check(self, emb: torch.Tensor, what: str) -> torch.Tensor:
+        if not torch.is_tensor(emb) or emb.dim() != 2:
+            raise ValueError(f"{what}: class embeddings must be a [C, D] tensor")
+        if emb.shape[0] == 0:
+            raise ValueError(f"{what}: the vocabulary is empty")
+        if emb.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"{what}: text embeddings have dim {emb.shape[1]} but the backbone produces "
+                f"{self.embed_dim}: set MODEL.CLIP.TEXT_EMB_DIM or use embeddings from the same CLIP model")
+        return emb.detach().float().to(self.bbox_pred.weight.device)
+
+    def set_train_vocabulary(self, emb: torch.Tensor, names: Optional[List[str]] = None):
+        self.train_embeddings = self._check(emb, "training vocabulary")
+        self.train_class_names = list(names) if names is not None else None
+        self._update_num_classes()
+
+    def set_test_vocabulary(self, emb: torch.Tensor, names: Optional[List[str]] = None):
+        self.test_embeddings = self._check(emb, "test vocabulary")
+        self.test_class_names = list(names) if names is not None else None
+        self._update_num_classes()
+
+    def _active(self):
+        if self.training or self.test_embeddings.shape[0] == 0:
+            return self.train_embeddings, self.train_class_names
+        return self.test_embeddings, self.test_class_names
+
+    def _update_num_classes(self):
+        self.num_classes = self._active()[0].shape[0]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._update_num_classes()
+        return self
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return self._active()[1]
+
+    # ---- forward ----
+    def forward(self, x: torch.Tensor):
+        """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas)."""
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        emb, _ = self._active()
+        if emb.shape[0] == 0:
+            raise NoVocabularyError(
+                "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
+                "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
+        deltas = self.bbox_pred(x)
+        feats = self.projection(x) if self.projection is not None else x
+        feats = F.normalize(feats.float(), dim=-1)
+        logits = feats @ F.normalize(emb, dim=-1).t()
+        bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
+        return torch.cat([logits, bg], dim=1) / self.temperature, deltas
+
+    # ---- training ----
+    def losses(self, predictions, proposals):
+        scores, deltas = predictions
+        gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else torch.empty(0)
+        _log_classification_stats(scores, gt_classes)
+        if len(proposals):
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
+                            for p in proposals], dim=0)
+        else:
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
+        return {
+            "loss_cls": self.classification_loss(scores, gt_classes),
+            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
+        }
+
+    def classification_loss(self, logits: torch.Tensor, gt_classes: torch.Tensor) -> torch.Tensor:
+        """Cross entropy with a background weight and optional focal scaling:
+        ``sum_i w_i (1 - p_t,i)^gamma CE_i / sum_i w_i`` (``w`` = 1, or ``bg_loss_weight``
+        for background regions)."""
+        if gt_classes.numel() == 0:
+            return logits.sum() * 0.0
+        if self.only_fg:
+            keep = gt_classes < logits.shape[1] - 1
+            if not keep.any():
+                return logits.sum() * 0.0
+            logits, gt_classes = logits[keep], gt_classes[keep]
+        ce = F.cross_entropy(logits, gt_classes, reduction="none")
+        if self.focal_gamma > 0:
+            p_t = torch.exp(-ce)
+            ce = (1.0 - p_t) ** self.focal_gamma * ce
+        w = torch.ones_like(ce)
+        w[gt_classes == logits.shape[1] - 1] = self.bg_loss_weight
+        return (w * ce).sum() / w.sum().clamp(min=1e-6)
+
+    # ---- inference ----
+    def predict_boxes(self, predictions, proposals):
+        if self.no_box_delta:
+            return [p.proposal_boxes.tensor for p in proposals]
+        return super().predict_boxes(predictions, proposals)
+
+    def predict_probs(self, predictions, proposals):
+        scores, _ = predictions
+        probs = F.softmax(scores, dim=-1)
+        if self.fusion != "none" and len(proposals) and proposals[0].has("objectness_logits"):
+            obj = cat([p.objectness_logits for p in proposals]).float()[:, None]
+            if self.fusion == "geometric":
+                probs = torch.sqrt(torch.sigmoid(obj) * probs)
+            else:  # legacy (official): NaN where the logit is negative; those rows are dropped
+                probs = torch.sqrt(obj * probs)
+        return probs.split([len(p) for p in proposals], dim=0)
+
+    def inference(self, predictions, proposals):
+        boxes = self.predict_boxes(predictions, proposals)
+        scores = self.predict_probs(predictions, proposals)
+        # rows with NaN / inf (legacy fusion) are removed before thresholding and NMS
+        keep = [torch.isfinite(s).all(dim=1) & torch.isfinite(b).all(dim=1) for s, b in zip(scores, boxes)]
+        boxes = [b[k] for b, k in zip(boxes, keep)]
+        scores = [s[k] for s, k in zip(scores, keep)]
+        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+        image_shapes = [x.image_size for x in proposals]
+        return fast_rcnn_inference(boxes, scores, image_shapes, self.test_score_thresh,
+                                   self.test_nms_thresh, self.test_topk_per_image)
