@@ -86,8 +86,9 @@ def _model_keys(model):
     return set(model.state_dict().keys())
 
 
-def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str):
-    """Raise on shape mismatches and on modules the file covers only in part."""
+def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str, whole: bool = False):
+    """Raise on shape mismatches and on modules the file covers only in part (``whole``:
+    the file must cover all of ``model``)."""
     model_sd = model.state_dict()
     bad = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in sd.items()
            if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
@@ -105,13 +106,13 @@ def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str)
     for k in model_sd:
         if k.endswith("num_batches_tracked"):
             continue
-        top = _top(k)
-        if covered.get(top) and k not in sd:
+        top = "" if whole else _top(k)
+        if (whole or covered.get(top)) and k not in sd:
             missing[top].append(k)
     if missing:
         top, keys = max(missing.items(), key=lambda kv: len(kv[1]))
         raise CheckpointFormatError(
-            f"{source} provides {top}* but lacks {len(keys)} of its weights (e.g. {keys[:5]}): the file is "
+            f"{source} provides {top + '*' if top else 'weights'} but lacks {len(keys)} of its weights (e.g. {keys[:5]}): the file is "
             "incomplete or from a different architecture; set MODEL.CLIP.OPENCLIP_MODEL to match it")
     matched = sum(covered.values())
     if sd and not matched:
@@ -176,7 +177,7 @@ def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Mo
             continue
         if not part:
             raise CheckpointFormatError(f"{path!r} has no {what} weights")
-        check_compatible(part, module, f"{path!r} ({what})")
+        check_compatible(part, module, f"{path!r} ({what})", whole=True)
         module.load_state_dict(part, strict=False)
     return fmt
 
@@ -195,5 +196,5 @@ def load_rpn_weights(path: str, model: nn.Module, trusted: bool = False):
         part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
         if not part:
             raise CheckpointFormatError(f"{path!r} has no weights for the RPN branch's {name}")
-        check_compatible(part, module, f"MODEL.CLIP.BB_RPN_WEIGHTS {path!r} ({name})")
+        check_compatible(part, module, f"MODEL.CLIP.BB_RPN_WEIGHTS {path!r} ({name})", whole=True)
         module.load_state_dict(part, strict=False)

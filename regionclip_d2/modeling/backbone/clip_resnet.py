@@ -71,13 +71,15 @@ class CLIPResNet(Backbone):
 
     def freeze(self, freeze_at: int = 0):
         """Freeze the stem (``freeze_at >= 1``) and stages res2..res5 (``>= 2..5``)."""
-        groups = [[getattr(self, n) for n in _STEM]] + [[getattr(self, _LAYERS[s])] for s in _STAGES]
-        for idx, modules in enumerate(groups, start=1):
+        groups = [list(_STEM)] + [[_LAYERS[s]] for s in _STAGES]
+        for idx, names in enumerate(groups, start=1):
             if freeze_at >= idx:
-                for m in modules:
+                for name in names:
+                    m = getattr(self, name)
                     for p in m.parameters():
                         p.requires_grad = False
-                    FrozenBatchNorm2d.convert_frozen_batchnorm(m)
+                    # returns a new module when ``m`` itself is a BatchNorm
+                    setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(m))
         return self
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:

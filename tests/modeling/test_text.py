@@ -1,0 +1,104 @@
+import logging
+
+import pytest
+import torch
+
+from regionclip_d2.modeling.text import (LanguageEncoder, build_language_encoder, build_tokenizer,
+                                         embed_class_names, get_templates, load_text_embeddings)
+
+
+@pytest.fixture
+def encoder(tiny_clip, tiny_clip_config):
+    """A LanguageEncoder holding the tiny CLIP's text tower (same weights)."""
+    enc = build_language_encoder("", tiny_clip_config)
+    sd = {k: v for k, v in tiny_clip.state_dict().items() if not k.startswith(("visual.", "logit_scale"))}
+    missing, unexpected = enc.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    return enc
+
+
+def test_language_encoder_equals_open_clip_encode_text(tiny_clip, encoder):
+    tokens = encoder.tokenize(["a photo of a cat.", "two red stars next to a blue ring", ""])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(tokens), tiny_clip.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_all_tokens_output(encoder):
+    tokens = encoder.tokenize(["a dog"])
+    eot, per_token = encoder(tokens, all_tokens=True)
+    assert per_token.shape == (1, encoder.context_length, 64)
+    torch.testing.assert_close(per_token[0, tokens[0].argmax()], eot[0])
+
+
+def test_templates():
+    assert len(get_templates("imagenet80")) == 80
+    assert all(t.count("{}") == 1 for t in get_templates("imagenet80"))
+    assert get_templates("single") == ["a photo of a {}."]
+    assert get_templates("a sketch of {}") == ["a sketch of {}"]
+    with pytest.raises(ValueError, match="unknown prompt templates"):
+        get_templates("imagenet81")
+
+
+def test_embed_class_names_is_the_normalised_template_mean(encoder):
+    emb = embed_class_names(["cat", "traffic_light"], encoder, templates="imagenet80", use_cache=False)
+    assert emb.shape == (2, 64)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    # by hand for the second name (underscores become spaces in prompts)
+    prompts = [t.format("traffic light") for t in get_templates("imagenet80")]
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(encoder(encoder.tokenize(prompts)), dim=-1).mean(0)
+    torch.testing.assert_close(emb[1], torch.nn.functional.normalize(f, dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_cache_hits_and_keys(encoder, tmp_path, monkeypatch):
+    calls = []
+    orig = LanguageEncoder.forward
+
+    def counting(self, tokens, all_tokens=False):
+        calls.append(tokens.shape[0])
+        return orig(self, tokens, all_tokens)
+
+    monkeypatch.setattr(LanguageEncoder, "forward", counting)
+    a = embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
+    n = len(calls)
+    b = embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
+    assert len(calls) == n  # served from the cache
+    torch.testing.assert_close(a, b)
+    embed_class_names(["cat", "dog"], encoder, templates="none", cache_dir=str(tmp_path))
+    assert len(calls) > n  # templates are part of the key
+    n = len(calls)
+    with torch.no_grad():
+        encoder.text_projection.mul_(2.0)  # new weights -> new key
+    embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
+    assert len(calls) > n
+    assert len(list((tmp_path / "text_embeddings").glob("*.pth"))) == 3
+
+
+def test_class_name_longer_than_context_is_truncated(encoder, caplog):
+    long_name = " ".join(["enormous"] * 60)
+    with caplog.at_level(logging.WARNING):
+        emb = embed_class_names([long_name, "cat"], encoder, templates="single", use_cache=False)
+    assert emb.shape == (2, 64) and torch.isfinite(emb).all()
+    assert "truncated" in caplog.text
+
+
+def test_bad_vocabularies(encoder):
+    with pytest.raises(ValueError, match="empty"):
+        embed_class_names([], encoder)
+    with pytest.raises(ValueError, match="duplicate class names \\['cat'\\]"):
+        embed_class_names(["cat", "dog", "cat"], encoder)
+
+
+def test_load_text_embeddings_checks_dimension(tmp_path):
+    path = tmp_path / "emb.pth"
+    torch.save(torch.randn(5, 512), path)
+    with pytest.raises(ValueError, match="dim 512 but the backbone produces 1024: set MODEL.CLIP.TEXT_EMB_PATH"):
+        load_text_embeddings(str(path), 1024)
+    assert load_text_embeddings(str(path), 512).shape == (5, 512)
+    with pytest.raises(FileNotFoundError, match="tools/embed_vocabulary.py"):
+        load_text_embeddings(str(tmp_path / "none.pth"), 512)
+
+
+def test_tokenizer_context_length(tiny_clip_config):
+    tok = build_tokenizer("", tiny_clip_config)
+    assert tok(["hello"]).shape == (1, 24)

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Open-vocabulary detection demo: detect any vocabulary in images with a CLIPFastRCNN.
+
+Writes, for each input image, <output>/<name>.jpg (boxes and labels drawn by
+detectron2's Visualizer) and <output>/<name>.json (the detections).
+
+Example:
+  python tools/demo.py --config-file configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml \\
+      --input photos/ --output out/ --vocabulary custom --custom-vocabulary "cat,remote,couch" \\
+      --opts MODEL.WEIGHTS regionclip_rn50.pth MODEL.CLIP.BB_RPN_WEIGHTS rpn_coco_48.pth
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-file", default=DEFAULT_CONFIG, help="detector config (default: %(default)s)")
+    ap.add_argument("--input", nargs="+", required=True, help="image files, globs or folders")
+    ap.add_argument("--output", required=True, help="folder for the visualised images and JSON files")
+    ap.add_argument("--vocabulary", default="coco_ovd_all",
+                    help="coco | lvis | coco_ovd_all | coco_ovd_base | coco_ovd_novel | custom (default: %(default)s)")
+    ap.add_argument("--custom-vocabulary", default="", help='comma-separated class names for --vocabulary custom, '
+                    'e.g. "cat,remote,couch", or a .txt/.json file of names')
+    ap.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score drawn and saved")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="run with randomly initialised weights (a smoke test; detections are meaningless)")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return ap.parse_args(argv)
+
+
+def list_inputs(specs):
+    files = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            files += sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        elif any(ch in spec for ch in "*?["):
+            files += sorted(glob.glob(spec))
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise SystemExit(f"demo: input {spec!r} is not a file, folder or glob that matches anything")
+    if not files:
+        raise SystemExit(f"demo: no images found in {specs}")
+    return files
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from detectron2.data.detection_utils import read_image
+    from detectron2.engine import DefaultPredictor
+    from detectron2.utils.logger import setup_logger
+    from detectron2.utils.visualizer import Visualizer
+
+    from regionclip_d2 import get_regionclip_cfg
+
+    setup_logger(name="regionclip_d2")
+    logger = logging.getLogger("regionclip_d2.demo")
+    if args.vocabulary == "custom":
+        if not args.custom_vocabulary:
+            raise SystemExit("demo: --vocabulary custom needs --custom-vocabulary 'a,b,c'")
+        vocabulary = args.custom_vocabulary if os.path.isfile(args.custom_vocabulary) \
+            else [n for n in args.custom_vocabulary.split(",")]
+    else:
+        vocabulary = args.vocabulary
+    from regionclip_d2.data.vocabularies import load_vocabulary
+
+    names = load_vocabulary(vocabulary)
+    cfg = get_regionclip_cfg(args.config_file, args.opts)
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    # the vocabulary is set on the predictor below; the config's one is not needed
+    cfg.MODEL.CLIP.VOCABULARY = ""
+    cfg.MODEL.CLIP.OPENSET_TEST_VOCABULARY = ""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(names)
+    random = not cfg.MODEL.WEIGHTS and not cfg.MODEL.CLIP.CLIP_WEIGHTS
+    rpn_random = cfg.MODEL.CLIP.CROP_REGION_TYPE == "RPN" and not cfg.MODEL.CLIP.BB_RPN_WEIGHTS and not cfg.MODEL.WEIGHTS
+    if (random or rpn_random) and not args.random_weights:
+        raise SystemExit("demo: no weights given (MODEL.WEIGHTS / MODEL.CLIP.CLIP_WEIGHTS"
+                         + (", MODEL.CLIP.BB_RPN_WEIGHTS" if rpn_random else "") + "). Pass them with --opts, "
+                         "or add --random-weights to run a smoke test with random weights.")
+    if random or rpn_random:
+        bar = "!" * 78
+        logger.warning("\n%s\n!! THE WEIGHTS ARE RANDOM (%s). Boxes and labels below are meaningless:\n"
+                       "!! this only shows that the pipeline runs. Give real weights with --opts.\n%s",
+                       bar, "recognition" if random and not rpn_random else
+                       ("RPN branch" if not random else "recognition and RPN branch"), bar)
+    cfg.freeze()
+    predictor = DefaultPredictor(cfg)
+    predictor.model.set_vocabulary(names)
+    os.makedirs(args.output, exist_ok=True)
+    from tqdm import tqdm
+
+    for path in tqdm(list_inputs(args.input), desc="images", unit="img"):
+        try:
+            image = read_image(path, format="BGR")
+        except Exception as e:
+            logger.error("skipping %s: cannot read it as an image (%s)", path, e)
+            continue
+        inst = predictor(image)["instances"].to("cpu")
+        inst = inst[inst.scores >= args.confidence_threshold]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        vis = Visualizer(image[:, :, ::-1], metadata=None)
+        labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
+        drawn = vis.overlay_instances(boxes=inst.pred_boxes.tensor.numpy(), labels=labels)
+        drawn.save(os.path.join(args.output, stem + ".jpg"))
+        dets = [{"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "class_id": c, "class_name": names[c]}
+                for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist())]
+        with open(os.path.join(args.output, stem + ".json"), "w") as f:
+            json.dump({"image": path, "height": image.shape[0], "width": image.shape[1],
+                       "random_weights": bool(random or rpn_random), "detections": dets}, f, indent=1)
+        logger.info("%s: %d detection(s) -> %s", path, len(dets), os.path.join(args.output, stem + ".jpg"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
