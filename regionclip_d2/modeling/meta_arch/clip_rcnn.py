@@ -151,6 +151,8 @@ class CLIPFastRCNN(nn.Module):
 
     @property
     def class_names(self) -> Optional[List[str]]:
+        if self._stale_vocab:
+            self._refresh_vocabulary()
         return self.roi_heads.box_predictor.class_names
 
     def train(self, mode: bool = True):
@@ -200,7 +202,14 @@ class CLIPFastRCNN(nn.Module):
         if self.div_pixel:
             images = [x / 255.0 for x in images]
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        # images smaller than the backbone's total stride are padded (zeros) to 32 px;
+        # larger ones are left as they are, like the official code
+        h, w = images.tensor.shape[-2:]
+        if h < 32 or w < 32:
+            t = torch.nn.functional.pad(images.tensor, (0, max(0, 32 - w), 0, max(0, 32 - h)))
+            images = ImageList(t, images.image_sizes)
+        return images
 
     def offline_preprocess_image(self, batched_inputs):
         """RPN branch input: its own format, mean/std, padded to its size divisibility."""

@@ -1,0 +1,240 @@
+"""CLIPFastRCNN: configs, predictor maths, score fusion, vocabularies, checkpoints,
+DefaultPredictor and bad inputs."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultPredictor
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.structures import Boxes, Instances
+
+from regionclip_d2 import get_regionclip_cfg
+from regionclip_d2.modeling.roi_heads import NoVocabularyError
+from helpers import image_input, tiny_cfg, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DETECTOR_CONFIGS = sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    if "CLIPFastRCNN" in open(p).read() or "_BASE_" in open(p).read())
+C4_GT = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
+C4_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
+
+
+@pytest.mark.parametrize("config", DETECTOR_CONFIGS)
+def test_every_config_builds_and_runs(config, tiny_clip_config):
+    cfg = get_regionclip_cfg(config)
+    if cfg.MODEL.META_ARCHITECTURE != "CLIPFastRCNN":
+        pytest.skip("not a detector config")
+    model = tiny_model(config, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    inputs = [image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90], [0, 0, 128, 96]]),
+              image_input(80, 64, boxes=[], seed=1)]
+    out = model(inputs)
+    assert len(out) == 2
+    for o, x in zip(out, inputs):
+        inst = o["instances"]
+        assert inst.image_size == (x["height"], x["width"])
+        assert torch.isfinite(inst.scores).all()
+        assert (inst.pred_classes >= 0).all() and (inst.pred_classes < 3).all()
+    if cfg.MODEL.CLIP.CROP_REGION_TYPE == "GT":
+        assert len(out[0]["instances"]) > 0 and len(out[1]["instances"]) == 0
+
+
+def test_logits_by_hand_and_zero_background(tiny_clip_config):
+    model = tiny_model(C4_GT, tiny_clip_config)
+    pred = model.roi_heads.box_predictor
+    emb = torch.randn(3, 64)
+    pred.set_test_vocabulary(emb)
+    x = torch.randn(5, 64)
+    logits, deltas = pred(x)
+    expected = torch.nn.functional.cosine_similarity(x[:, None], emb[None], dim=-1) / 0.01
+    torch.testing.assert_close(logits[:, :3], expected, atol=1e-4, rtol=1e-5)
+    assert (logits[:, 3] == 0).all()  # background: all-zero embedding, appended last
+    assert deltas.shape == (5, 4)  # class-agnostic regression
+
+
+def _fake_proposals(logits):
+    p = Instances((100, 100))
+    n = len(logits)
+    p.proposal_boxes = Boxes(torch.tensor([[10.0 * i, 0, 10.0 * i + 9, 9] for i in range(n)]))
+    p.objectness_logits = torch.tensor(logits)
+    return p
+
+
+@pytest.mark.parametrize("fusion", ["geometric", "legacy"])
+def test_score_fusion(tiny_clip_config, fusion):
+    model = tiny_model(C4_GT, tiny_clip_config)
+    pred = model.roi_heads.box_predictor
+    pred.fusion = fusion
+    pred.no_box_delta = True
+    pred.test_score_thresh = 0.0
+    pred.set_test_vocabulary(torch.randn(3, 64))
+    x = torch.randn(4, 64)
+    proposals = [_fake_proposals([2.0, -1.0, 0.5, -3.0])]
+    predictions = pred(x)
+    probs = torch.softmax(predictions[0], dim=-1)
+    fused = pred.predict_probs(predictions, proposals)[0]
+    obj = proposals[0].objectness_logits[:, None]
+    if fusion == "geometric":
+        torch.testing.assert_close(fused, torch.sqrt(torch.sigmoid(obj) * probs))
+    instances, _ = pred.inference(predictions, proposals)
+    scores = instances[0].scores
+    assert torch.isfinite(scores).all()
+    boxes = instances[0].pred_boxes.tensor
+    kept_regions = set((boxes[:, 0] / 10).round().long().tolist())
+    if fusion == "legacy":  # official: raw logit; negative logits give NaN and the region is dropped
+        assert kept_regions <= {0, 2}
+    else:
+        assert kept_regions == {0, 1, 2, 3}
+
+
+def test_vocabulary_swap(tiny_clip_config):
+    model = tiny_model(C4_GT, tiny_clip_config)
+    x = [image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90]])]
+    model(x)
+    assert model.class_names == ["cat", "dog", "ring"]
+    names = model.set_vocabulary(["star", "moon", "heart", "bolt", "ring"])
+    assert model.class_names == names and model.roi_heads.box_predictor.num_classes == 5
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
+    out = model(x)[0]["instances"]
+    assert out.pred_classes.max() < 5 and len(set(out.pred_classes.tolist())) > 3
+    model.set_vocabulary(torch.randn(1, 64), names=["one"])  # a vocabulary of one class
+    out = model(x)[0]["instances"]
+    assert set(out.pred_classes.tolist()) == {0} and model.class_names == ["one"]
+    with pytest.raises(ValueError, match="dim 32 but the backbone produces 64"):
+        model.set_vocabulary(torch.randn(2, 32))
+
+
+def test_no_vocabulary_is_a_clear_error(tiny_clip_config):
+    model = tiny_model(C4_GT, tiny_clip_config, vocabulary=None, extra=["MODEL.CLIP.VOCABULARY", ""])
+    with pytest.raises(NoVocabularyError, match="set_vocabulary"):
+        model([image_input(64, 64, boxes=[[0, 0, 30, 30]])])
+
+
+def test_num_classes_mismatch(tiny_clip_config, tmp_path):
+    path = tmp_path / "emb.pth"
+    torch.save(torch.randn(7, 64), path)
+    with pytest.raises(ValueError, match="7 classes but MODEL.ROI_HEADS.NUM_CLASSES=3: set MODEL.ROI_HEADS.NUM_CLASSES 7"):
+        tiny_model(C4_GT, tiny_clip_config, vocabulary=None,
+                   extra=["MODEL.CLIP.VOCABULARY", "", "MODEL.CLIP.TEXT_EMB_PATH", str(path), "MODEL.ROI_HEADS.NUM_CLASSES", 3])
+    with pytest.raises(ValueError, match="MODEL.CLIP.OPENSET_TEST_NUM_CLASSES=5: set MODEL.CLIP.OPENSET_TEST_NUM_CLASSES 7"):
+        tiny_model(C4_GT, tiny_clip_config, extra=["MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", str(path),
+                                                    "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", 5])
+    with pytest.raises(ValueError, match="TEXT_EMB_DIM"):
+        tiny_model(C4_GT, tiny_clip_config, extra=["MODEL.CLIP.TEXT_EMB_DIM", 1024])
+
+
+def test_openset_test_vocabulary(tiny_clip_config, tmp_path):
+    path = tmp_path / "test_emb.pth"
+    torch.save(torch.randn(5, 64), path)
+    model = tiny_model(C4_GT, tiny_clip_config, extra=["MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", str(path),
+                                                        "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", 5])
+    x = [image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90]])]
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
+    out = model(x)[0]["instances"]
+    assert model.roi_heads.box_predictor.num_classes == 5 and out.pred_classes.max() >= 3
+    model.train()
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):
+        losses = model(x)  # training uses the 3-class training vocabulary
+    assert model.roi_heads.box_predictor.num_classes == 3
+    assert set(losses) == {"loss_cls", "loss_box_reg"} and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    assert model.roi_heads.box_predictor.num_classes == 5
+
+
+def test_gt_mode_without_instances(tiny_clip_config):
+    model = tiny_model(C4_GT, tiny_clip_config)
+    with pytest.raises(ValueError, match="'GT' but an input has no 'instances'"):
+        model([image_input(64, 64)])
+
+
+def test_bad_images(tiny_clip_config):
+    model = tiny_model(C4_RPN, tiny_clip_config)
+    out = model([image_input(12, 9)])  # smaller than the stride
+    assert out[0]["instances"].image_size == (12, 9)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        model([{"image": torch.zeros(1, 32, 32, dtype=torch.uint8)}])
+
+
+def test_self_contained_checkpoint_round_trip(tiny_clip_config, tmp_path):
+    model = tiny_model(C4_RPN, tiny_clip_config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    DetectionCheckpointer(model, str(tmp_path)).save("model_final")
+    fresh = tiny_model(C4_RPN, tiny_clip_config)
+    DetectionCheckpointer(fresh).load(str(tmp_path / "model_final.pth"))
+    sd, ref = fresh.state_dict(), model.state_dict()
+    assert any(k.startswith("offline_backbone.") for k in ref) and any(k.startswith("lang_encoder.") for k in ref)
+    for k in ref:
+        torch.testing.assert_close(sd[k], ref[k], rtol=0, atol=0)
+
+
+def _rpn_file(model, path):
+    sd = {}
+    for k, v in model.state_dict().items():
+        for pre, new in (("offline_backbone.", "backbone."), ("offline_proposal_generator.", "proposal_generator.")):
+            if k.startswith(pre):
+                sd[new + k[len(pre):]] = (torch.randn_like(v) if v.is_floating_point() else v.clone())
+    torch.save({"model": sd}, path)
+    return sd
+
+
+def test_bb_rpn_weights_are_loaded_and_win_everywhere(tiny_clip_config, tmp_path):
+    base = tiny_model(C4_RPN, tiny_clip_config)
+    rpn_sd = _rpn_file(base, tmp_path / "rpn.pth")
+    DetectionCheckpointer(base, str(tmp_path)).save("full")  # a checkpoint whose RPN branch differs
+    cfg = tiny_cfg(C4_RPN, tiny_clip_config,
+                   extra=["MODEL.CLIP.BB_RPN_WEIGHTS", str(tmp_path / "rpn.pth"),
+                          "MODEL.WEIGHTS", str(tmp_path / "full.pth")])
+    bn_before = base.backbone.layer1[0].bn1.running_mean.clone()
+    predictor = DefaultPredictor(cfg)  # loads MODEL.WEIGHTS with detectron2's checkpointer
+    model = predictor.model
+    got = model.state_dict()
+    for k, v in rpn_sd.items():
+        torch.testing.assert_close(got["offline_" + k], v, rtol=0, atol=0)
+    # the CLIP backbone's FrozenBN statistics survive (the official code resets them)
+    assert isinstance(model.backbone.layer1[0].bn1, FrozenBatchNorm2d)
+    torch.testing.assert_close(model.backbone.layer1[0].bn1.running_mean, bn_before)
+
+
+def test_frozen_bn_stats_survive_partial_files(tiny_clip_config, tmp_path):
+    model = tiny_model(C4_RPN, tiny_clip_config)
+    with torch.no_grad():
+        model.backbone.layer2[0].bn2.running_var.fill_(3.0)
+    rpn_only = {k: v for k, v in model.state_dict().items() if k.startswith("offline_")}
+    model.load_state_dict(rpn_only, strict=False)
+    assert (model.backbone.layer2[0].bn2.running_var == 3.0).all()
+
+
+def test_default_predictor_with_any_vocabulary(tiny_clip_config):
+    cfg = tiny_cfg(C4_RPN, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+                                                     "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 200])
+    predictor = DefaultPredictor(cfg)
+    predictor.model.set_vocabulary(["red star", "blue ring"])
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 255, (90, 150, 3), dtype=np.uint8),
+                  np.repeat(rng.integers(0, 255, (70, 70, 1), dtype=np.uint8), 3, axis=2)):
+        inst = predictor(image)["instances"]
+        assert len(inst) > 0
+        assert set(inst.pred_classes.tolist()) <= {0, 1}
+        b = inst.pred_boxes.tensor
+        h, w = image.shape[:2]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+
+
+def test_vocabulary_names_are_reembedded_after_loading_weights(tiny_clip_config, tmp_path):
+    model = tiny_model(C4_GT, tiny_clip_config)
+    x = [image_input(64, 64, boxes=[[0, 0, 30, 30]])]
+    model(x)
+    before = model.roi_heads.box_predictor.train_embeddings.clone()
+    sd = {k: (v + torch.randn_like(v) if k == "lang_encoder.text_projection" else v) for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    model(x)
+    after = model.roi_heads.box_predictor.train_embeddings
+    assert not torch.allclose(before, after)  # the new language encoder embedded the names again
