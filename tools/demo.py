@@ -55,6 +55,7 @@ def list_inputs(specs):
 
 def main(argv=None):
     args = parse_args(argv)
+    files = list_inputs(args.input)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from detectron2.data.detection_utils import read_image
@@ -101,7 +102,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     from tqdm import tqdm
 
-    for path in tqdm(list_inputs(args.input), desc="images", unit="img"):
+    for path in tqdm(files, desc="images", unit="img"):
         try:
             image = read_image(path, format="BGR")
         except Exception as e:
