@@ -1,0 +1,1 @@
+from .evaluators import build_evaluator, lvis_numpy_compat
