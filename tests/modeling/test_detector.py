@@ -159,6 +159,10 @@ def test_bad_images(tiny_clip_config):
     assert out[0]["instances"].image_size == (12, 9)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         model([{"image": torch.zeros(1, 32, 32, dtype=torch.uint8)}])
+    with pytest.raises(ValueError, match="image is empty"):
+        model([{"image": torch.zeros(3, 0, 32, dtype=torch.uint8)}])
+    out = model([image_input(1400, 1900)])  # huge: runs (DefaultPredictor would resize it first)
+    assert out[0]["instances"].image_size == (1400, 1900)
 
 
 def test_self_contained_checkpoint_round_trip(tiny_clip_config, tmp_path):

@@ -225,6 +225,8 @@ class CLIPFastRCNN(nn.Module):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"each input 'image' must be a [3, H, W] tensor in {self.input_format} order, "
                              f"got shape {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"an input image is empty (shape {tuple(image.shape)}): give an image with pixels")
         if fmt != self.input_format and {fmt, self.input_format} == {"RGB", "BGR"}:
             image = image.flip(0)
         return image.float()
