@@ -36,3 +36,40 @@ def image_input(h=96, w=128, boxes=None, seed=0):
         d["instances"] = Instances((h, w), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)),
                                    gt_classes=torch.zeros(len(boxes), dtype=torch.long))
     return d
+
+
+def make_coco(root, n_images=3, seed=0, names=("red square", "green square", "blue square"), novel=(),
+              drop_novel_boxes=False, size=(96, 128)):
+    """Write images with coloured rectangles and their COCO file (annotation ids from 1).
+
+    Categories in ``novel`` are marked ``"split": "novel"``; with ``drop_novel_boxes`` their
+    boxes are left out (a training split). Returns (json path, image folder)."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "images", exist_ok=True)
+    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    cats = [{"id": i + 1, "name": n, "split": "novel" if n in novel else "base"} for i, n in enumerate(names)]
+    images, anns = [], []
+    h, w = size
+    for i in range(n_images):
+        img = np.full((h, w, 3), 127, np.uint8)
+        for _ in range(2):
+            c = int(rng.integers(0, len(names)))
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            bw, bh = int(rng.integers(16, 40)), int(rng.integers(16, 40))
+            img[y0:y0 + bh, x0:x0 + bw] = palette[c % len(palette)]
+            if drop_novel_boxes and names[c] in novel:
+                continue
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x0, y0, bw, bh],
+                         "area": bw * bh, "iscrowd": 0})
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+    path = root / "ann.json"
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return path, root / "images"

@@ -1,8 +1,11 @@
 """Dataset mappers of the CLIP detector."""
-import copy
-
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
+
+
+def build_train_mapper(cfg):
+    """detectron2's training mapper (resize, flip) in the config's input format."""
+    return DatasetMapper(cfg, is_train=True)
 
 
 def build_test_mapper(cfg):

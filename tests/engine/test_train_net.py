@@ -4,35 +4,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from helpers import make_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def make_coco(root, n_images=3, seed=0):
-    """Images with coloured rectangles and their COCO boxes (annotation ids from 1)."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root / "images", exist_ok=True)
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(["red square", "green square", "blue square"])]
-    images, anns = [], []
-    for i in range(n_images):
-        h, w = 96, 128
-        img = np.full((h, w, 3), 127, np.uint8)
-        for _ in range(2):
-            c = int(rng.integers(0, 3))
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            bw, bh = int(rng.integers(16, 40)), int(rng.integers(16, 40))
-            img[y0:y0 + bh, x0:x0 + bw] = 0
-            img[y0:y0 + bh, x0:x0 + bw, c] = 255
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x0, y0, bw, bh],
-                         "area": bw * bh, "iscrowd": 0})
-        Image.fromarray(img).save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
-    with open(root / "ann.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
-    return root / "ann.json", root / "images"
 
 
 @pytest.mark.parametrize("region_type", ["GT", "RPN"])

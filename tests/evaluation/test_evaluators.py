@@ -29,7 +29,11 @@ def feed_ground_truth(evaluator, dicts, contiguous):
 
 
 def _images(tmp_path, n):
+    from PIL import Image
+
     (tmp_path / "img").mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (120, 100)).save(tmp_path / "img" / f"{i}.jpg")
     return [{"id": i + 1, "file_name": f"{i}.jpg", "height": 100, "width": 120,
              "coco_url": f"http://x/{i}.jpg", "neg_category_ids": [], "not_exhaustive_category_ids": []}
             for i in range(n)]

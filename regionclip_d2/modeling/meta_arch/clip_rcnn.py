@@ -86,7 +86,7 @@ class CLIPFastRCNN(nn.Module):
         self.div_pixel = float(np.sum(pixel_mean)) < 3.0
         self.offline_div_pixel = float(np.sum(offline_pixel_mean)) < 3.0
         self._rpn_weights_file = ""
-        self.weights_loaded = False  # set by load_regionclip_weights once real weights arrive
+        self.lang_encoder_loaded = False  # becomes True when text-encoder weights arrive
         if self.offline_backbone is not None and not train_offline_rpn:
             for m in (self.offline_backbone, self.offline_proposal_generator):
                 for p in m.parameters():
@@ -104,6 +104,8 @@ class CLIPFastRCNN(nn.Module):
     @staticmethod
     def _after_load(module, incompatible_keys):
         # new language-encoder weights: vocabularies given as names are embedded again
+        if not any(k.startswith("lang_encoder.") for k in incompatible_keys.missing_keys):
+            module.lang_encoder_loaded = True
         module._stale_vocab |= set(module._vocab_specs)
 
     def _refresh_vocabulary(self):
@@ -169,6 +171,11 @@ class CLIPFastRCNN(nn.Module):
         if self.lang_encoder is None:
             raise RuntimeError("this model has no language encoder: pass a [C, D] tensor instead of names")
         names = load_vocabulary(vocabulary)
+        if not self.lang_encoder_loaded:
+            logger.warning("embedding %d class names with a text encoder that has RANDOM weights: the "
+                           "vocabulary is meaningless. Set MODEL.CLIP.CLIP_WEIGHTS to the CLIP file "
+                           "(e.g. OpenAI RN50.pt), use a checkpoint holding lang_encoder.*, or give "
+                           "MODEL.CLIP.TEXT_EMB_PATH", len(names))
         emb = embed_class_names(names, self.lang_encoder, templates=self.prompt_templates)
         return emb, names
 
@@ -327,7 +334,7 @@ def setup_from_cfg(model: CLIPFastRCNN, cfg):
     if c.CLIP_WEIGHTS:
         load_clip_weights(c.CLIP_WEIGHTS, backbone=model.clip_resnet, lang_encoder=model.lang_encoder,
                           trusted=trusted)
-        model.weights_loaded = True
+        model.lang_encoder_loaded = True
         logger.info("loaded CLIP weights from %s", c.CLIP_WEIGHTS)
     if c.BB_RPN_WEIGHTS:
         if model.offline_backbone is None:

@@ -167,7 +167,9 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         ce = F.cross_entropy(logits, gt_classes, reduction="none")
         if self.focal_gamma > 0:
             p_t = torch.exp(-ce)
-            ce = (1.0 - p_t) ** self.focal_gamma * ce
+            # clamped: for gamma < 1 the derivative of (1 - p_t)^gamma is infinite at p_t = 1,
+            # which the 0.01 temperature reaches in float32
+            ce = (1.0 - p_t).clamp(min=1e-6) ** self.focal_gamma * ce
         w = torch.ones_like(ce)
         w[gt_classes == logits.shape[1] - 1] = self.bg_loss_weight
         return (w * ce).sum() / w.sum().clamp(min=1e-6)
