@@ -39,8 +39,21 @@ def register_datasets(specs):
         register_coco_format(name, json_file, image_root)
 
 
+def register_caption_datasets(specs):
+    """``NAME=CAPTIONS_FILE:IMAGE_ROOT`` -> a registered image-caption data set."""
+    from regionclip_d2.data.captions import register_caption_dataset
+
+    for spec in specs or []:
+        name, sep, rest = spec.partition("=")
+        path, sep2, image_root = rest.rpartition(":")
+        if not sep or not sep2 or not name or not path:
+            raise SystemExit(f"--register-captions {spec!r}: expected NAME=CAPTIONS_FILE:IMAGE_ROOT")
+        register_caption_dataset(name, path, image_root)
+
+
 def setup(args):
     register_datasets(args.register)
+    register_caption_datasets(args.register_captions)
     cfg = get_regionclip_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
@@ -68,6 +81,9 @@ def build_parser():
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--register", action="append", metavar="NAME=ANNOTATIONS.json:IMAGE_ROOT",
                         help="register a COCO-format data set (repeatable), then name it in DATASETS.TEST/TRAIN")
+    parser.add_argument("--register-captions", action="append", metavar="NAME=CAPTIONS_FILE:IMAGE_ROOT",
+                        help="register an image-caption data set (COCO Captions .json, .jsonl or .tsv) for "
+                             "region-text pretraining (repeatable), then name it in DATASETS.TRAIN")
     return parser
 
 

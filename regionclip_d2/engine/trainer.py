@@ -46,6 +46,9 @@ def match_vocabulary(model, dataset_name):
     """The model's test vocabulary must index the data set's classes: use the data set's
     class names when none is configured; refuse a mismatch."""
     model = unwrap(model)
+    if not hasattr(getattr(model, "roi_heads", None), "box_predictor") or \
+            not hasattr(model.roi_heads.box_predictor, "test_embeddings"):
+        return  # not an open-vocabulary detector (e.g. the RPN branch's own training)
     names = list(MetadataCatalog.get(dataset_name).thing_classes)
     pred = model.roi_heads.box_predictor
     model.class_names  # embeds pending names-based vocabularies
@@ -79,6 +82,10 @@ class RegionCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        if cfg.MODEL.META_ARCHITECTURE == "PretrainFastRCNN":  # image-caption pairs
+            from ..data.captions import build_caption_train_loader
+
+            return build_caption_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod

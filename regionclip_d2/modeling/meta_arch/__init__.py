@@ -1,1 +1,2 @@
 from .clip_rcnn import CLIPFastRCNN
+from .pretrain import PretrainFastRCNN

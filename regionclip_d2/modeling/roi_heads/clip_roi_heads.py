@@ -91,3 +91,32 @@ class CLIPStandardROIHeads(StandardROIHeads):
 
     def forward(self, images, features, proposals, targets=None, *, region_encoder=None):
         return super().forward(images, features, proposals, targets)
+
+
+@ROI_HEADS_REGISTRY.register()
+class PretrainRes5ROIHeads(torch.nn.Module):
+    """RoI head of region-text pretraining: RoIAlign on the student's and the teacher's
+    res4 maps (each with its own resolution), then each one's res5 + attention pool.
+    Neither res5 is owned here: the encoders come from the backbones."""
+
+    @configurable
+    def __init__(self, *, in_features: List[str], pooler: ROIPooler, teacher_pooler: ROIPooler):
+        super().__init__()
+        self.in_features = in_features
+        self.pooler = pooler
+        self.teacher_pooler = teacher_pooler
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        scale = (1.0 / input_shape[in_features[0]].stride,)
+        kw = dict(sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                  pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, scales=scale)
+        res, t_res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, cfg.MODEL.CLIP.TEACHER_POOLER_RESOLUTION
+        return dict(in_features=in_features, pooler=ROIPooler(output_size=(res, res), **kw),
+                    teacher_pooler=ROIPooler(output_size=(t_res, t_res), **kw))
+
+    def forward(self, features, boxes, region_encoder: Callable, teacher: bool = False) -> torch.Tensor:
+        """Region embeddings ``[R, D]`` of ``boxes`` (list of Boxes) from ``features``."""
+        pooler = self.teacher_pooler if teacher else self.pooler
+        return region_encoder(pooler([features[f] for f in self.in_features], boxes))

@@ -1,0 +1,272 @@
+"""PretrainFastRCNN: region-text pretraining of RegionCLIP (METHOD.md section 3).
+
+image + caption -> regions (the frozen RPN branch, a grid, or random boxes) -> teacher
+region features (frozen CLIP) -> pseudo concept labels -> student region features ->
+region-concept contrastive + distillation losses, and the whole image against its
+caption (image-text contrastive).
+"""
+import logging
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, ImageList
+
+from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ..backbone.clip_resnet import clip_resnet_from_cfg
+from ..losses import (cosine_logits, image_text_contrastive_loss, pseudo_labels,
+                      region_concept_contrastive_loss, region_concept_distillation_loss)
+from ..text import build_language_encoder, load_text_embeddings
+from .clip_rcnn import build_offline_rpn_cfg
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_REGION_TYPES = ("RPN", "GRID", "RANDOM")
+
+
+def grid_boxes(h: int, w: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """``[rows * cols, 4]`` XYXY boxes tiling an ``h x w`` image."""
+    ys = torch.linspace(0, h, rows + 1, device=device)
+    xs = torch.linspace(0, w, cols + 1, device=device)
+    boxes = [[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(rows) for j in range(cols)]
+    return torch.tensor(boxes, device=device, dtype=torch.float32)
+
+
+def random_boxes(h: int, w: int, n: int, generator=None, min_frac: float = 0.1, device=None) -> torch.Tensor:
+    """``[n, 4]`` random XYXY boxes inside the image, each side at least ``min_frac`` of the image's."""
+    r = torch.rand(n, 4, generator=generator)
+    bw = (min_frac + (1 - min_frac) * r[:, 0]) * w
+    bh = (min_frac + (1 - min_frac) * r[:, 1]) * h
+    x0 = r[:, 2] * (w - bw)
+    y0 = r[:, 3] * (h - bh)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).to(device)
+
+
+@META_ARCH_REGISTRY.register()
+class PretrainFastRCNN(nn.Module):
+    """Student CLIP ResNet (``backbone``, trained), teacher CLIP ResNet (``teacher_backbone``,
+    frozen), language encoder (``lang_encoder``, frozen), and the RPN branch
+    (``offline_backbone`` + ``offline_proposal_generator``, frozen) for RPN regions.
+
+    Inputs: dicts with ``image`` ([3, H, W], cfg.INPUT.FORMAT) and ``caption`` (str).
+    Training returns the losses; eval mode returns per image the regions and the
+    student's L2-normalised region embeddings.
+    """
+
+    @configurable
+    def __init__(self, *, backbone, teacher_backbone, lang_encoder, roi_heads, offline_backbone=None,
+                 offline_proposal_generator=None, region_type="RPN", concept_emb=None, teacher_concept_emb=None, tau=0.01,
+                 concept_threshold=0.1, num_rpn_regions=300, num_sample_regions=100, grid=(3, 3),
+                 num_random_regions=100, image_text=True, gather=False, loss_weights=(1.0, 1.0, 1.0),
+                 pixel_mean, pixel_std, input_format="RGB", offline_pixel_mean=(103.53, 116.28, 123.675),
+                 offline_pixel_std=(1.0, 1.0, 1.0), offline_input_format="BGR", setup_cfg=None):
+        super().__init__()
+        if region_type not in PRETRAIN_REGION_TYPES:
+            raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r} for pretraining: use one of "
+                             f"{PRETRAIN_REGION_TYPES}")
+        if region_type == "RPN" and offline_backbone is None:
+            raise ValueError("RPN regions need the RPN branch: set MODEL.CLIP.OFFLINE_RPN_CONFIG")
+        self.backbone = backbone
+        self.teacher_backbone = teacher_backbone
+        self.lang_encoder = lang_encoder
+        self.offline_backbone = offline_backbone
+        self.offline_proposal_generator = offline_proposal_generator
+        for m in (teacher_backbone, lang_encoder, offline_backbone, offline_proposal_generator):
+            if m is not None:
+                for p in m.parameters():
+                    p.requires_grad = False
+        self.region_type = region_type
+        self.roi_heads = roi_heads
+        self.register_buffer("concept_emb", torch.zeros(0, backbone.embed_dim), persistent=False)
+        self.register_buffer("teacher_concept_emb", torch.zeros(0, teacher_backbone.embed_dim), persistent=False)
+        if concept_emb is not None:
+            self.set_concept_pool(concept_emb, teacher_concept_emb)
+        self.tau = tau
+        self.concept_threshold = concept_threshold
+        self.num_rpn_regions = num_rpn_regions
+        self.num_sample_regions = num_sample_regions
+        self.grid = tuple(grid)
+        self.num_random_regions = num_random_regions
+        self.image_text = image_text
+        self.gather = gather
+        self.loss_weights = tuple(loss_weights)
+        self.input_format = input_format
+        self.offline_input_format = offline_input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
+        self.div_pixel = float(sum(pixel_mean)) < 3.0
+        self.offline_div_pixel = float(sum(offline_pixel_mean)) < 3.0
+        self._rpn_weights_file = ""
+        install_load_hook(self)
+        if setup_cfg is not None:
+            setup_pretrain_from_cfg(self, setup_cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.CLIP
+        backbone = build_backbone(cfg)
+        teacher_name = c.TEACHER_OPENCLIP_MODEL
+        teacher = clip_resnet_from_cfg(cfg, ["res4"], model_name=teacher_name or None, freeze_at=5)
+        ret = dict(
+            backbone=backbone, teacher_backbone=teacher,
+            lang_encoder=build_language_encoder(c.OPENCLIP_MODEL, c.OPENCLIP_MODEL_CONFIG),
+            roi_heads=build_roi_heads(cfg, backbone.output_shape()),
+            region_type=c.CROP_REGION_TYPE, tau=c.CLSS_TEMP,
+            concept_threshold=c.CONCEPT_THRES, num_rpn_regions=c.PRETRAIN_RPN_REGIONS,
+            num_sample_regions=c.PRETRAIN_SAMPLE_REGIONS, grid=c.GRID_REGIONS, num_random_regions=c.RANDOM_REGIONS,
+            image_text=c.PRETRAIN_IMG_TXT_LEVEL, gather=c.GATHER_GPUS, loss_weights=c.PRETRAIN_LOSS_WEIGHTS,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, input_format=cfg.INPUT.FORMAT,
+        )
+        if c.CROP_REGION_TYPE == "RPN":
+            ocfg = build_offline_rpn_cfg(cfg)
+            ocfg.defrost()
+            ocfg.MODEL.RPN.POST_NMS_TOPK_TEST = c.PRETRAIN_RPN_REGIONS
+            if c.OFFLINE_RPN_NMS_THRESH:
+                ocfg.MODEL.RPN.NMS_THRESH = c.OFFLINE_RPN_NMS_THRESH
+            ob = build_backbone(ocfg)
+            ret.update(offline_backbone=ob, offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
+                       offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
+                       offline_input_format=ocfg.INPUT.FORMAT)
+        ret["setup_cfg"] = cfg
+        return ret
+
+    # ------------------------------------------------------------------ setup
+    def set_concept_pool(self, concept_emb: torch.Tensor, teacher_concept_emb: torch.Tensor = None):
+        """The concept pool: ``[M, D]`` student-side and ``[M, D_teacher]`` teacher-side
+        text embeddings of the same M concepts (the same tensor when the dims agree)."""
+        if teacher_concept_emb is None:
+            teacher_concept_emb = concept_emb
+        if concept_emb.shape[0] != teacher_concept_emb.shape[0]:
+            raise ValueError(f"the student concept pool has {concept_emb.shape[0]} concepts but the teacher's has "
+                             f"{teacher_concept_emb.shape[0]}: MODEL.CLIP.CONCEPT_POOL_EMB and "
+                             "TEACHER_CONCEPT_POOL_EMB must embed the same concepts")
+        for emb, bb, key in ((concept_emb, self.backbone, "MODEL.CLIP.CONCEPT_POOL_EMB"),
+                             (teacher_concept_emb, self.teacher_backbone, "MODEL.CLIP.TEACHER_CONCEPT_POOL_EMB")):
+            if emb.shape[1] != bb.embed_dim:
+                raise ValueError(f"concept embeddings have dim {emb.shape[1]} but the CLIP model produces "
+                                 f"{bb.embed_dim}: set {key} to embeddings from the same CLIP model")
+        self.concept_emb = concept_emb.float().to(self.pixel_mean.device)
+        self.teacher_concept_emb = teacher_concept_emb.float().to(self.pixel_mean.device)
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.teacher_backbone, self.lang_encoder, self.offline_backbone, self.offline_proposal_generator):
+            if m is not None:
+                m.eval()
+        return self
+
+    # ------------------------------------------------------------------ regions
+    def _images(self, batched_inputs, offline=False):
+        fmt = self.offline_input_format if offline else self.input_format
+        mean, std = (self.offline_pixel_mean, self.offline_pixel_std) if offline else (self.pixel_mean, self.pixel_std)
+        div = self.offline_div_pixel if offline else self.div_pixel
+        out = []
+        for x in batched_inputs:
+            img = x["image"].to(self.device).float()
+            if fmt != self.input_format:
+                img = img.flip(0)
+            if div:
+                img = img / 255.0
+            out.append((img - mean) / std)
+        div_by = self.offline_backbone.size_divisibility if offline else 0
+        return ImageList.from_tensors(out, div_by)
+
+    @torch.no_grad()
+    def get_regions(self, batched_inputs, image_sizes) -> List[Boxes]:
+        if self.region_type == "GRID":
+            return [Boxes(grid_boxes(h, w, *self.grid, device=self.device)) for h, w in image_sizes]
+        if self.region_type == "RANDOM":
+            return [Boxes(random_boxes(h, w, self.num_random_regions, device=self.device)) for h, w in image_sizes]
+        images = self._images(batched_inputs, offline=True)
+        proposals, _ = self.offline_proposal_generator(images, self.offline_backbone(images.tensor), None)
+        regions = []
+        for p in proposals:
+            boxes = p.proposal_boxes[: self.num_rpn_regions]
+            if len(boxes) > self.num_sample_regions:  # sample at random among the top regions
+                idx = torch.randperm(len(boxes), device=boxes.tensor.device)[: self.num_sample_regions]
+                boxes = boxes[idx]
+            regions.append(boxes)
+        return regions
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        if self.concept_emb.shape[0] == 0:
+            raise RuntimeError("no concept pool: set MODEL.CLIP.CONCEPT_POOL_EMB (make it with "
+                               "tools/extract_concepts.py) or call model.set_concept_pool(...)")
+        images = self._images(batched_inputs)
+        regions = self.get_regions(batched_inputs, images.image_sizes)
+        with torch.no_grad():
+            t_feats = self.roi_heads(self.teacher_backbone(images.tensor), regions,
+                                     self.teacher_backbone.encode_pooled_regions, teacher=True)
+            labels, soft, keep = pseudo_labels(cosine_logits(t_feats, self.teacher_concept_emb, self.tau),
+                                               self.concept_threshold)
+        s_features = self.backbone(images.tensor)
+        s_feats = self.roi_heads(s_features, regions, self.backbone.encode_pooled_regions)
+        if not self.training:
+            out, start = [], 0
+            for r in regions:
+                out.append({"regions": r, "embeddings": torch.nn.functional.normalize(s_feats[start:start + len(r)], dim=-1),
+                            "pseudo_labels": labels[start:start + len(r)]})
+                start += len(r)
+            return out
+        s_logits = cosine_logits(s_feats, self.concept_emb, self.tau)
+        w = self.loss_weights
+        losses = {
+            "loss_region_contrastive": w[0] * region_concept_contrastive_loss(s_logits[keep], labels[keep]),
+            "loss_region_distillation": w[1] * region_concept_distillation_loss(s_logits[keep], soft[keep]),
+        }
+        if self.image_text:
+            captions = [x.get("caption") for x in batched_inputs]
+            if any(not isinstance(c, str) for c in captions):
+                raise ValueError("image-text pretraining needs a 'caption' string per input "
+                                 "(or set MODEL.CLIP.PRETRAIN_IMG_TXT_LEVEL False)")
+            with torch.no_grad():  # the text encoder is frozen: embeddings once per batch, no graph
+                text = self.lang_encoder(self.lang_encoder.tokenize(captions)).float()
+            full = [Boxes(torch.tensor([[0.0, 0.0, w_, h_]], device=self.device)) for h_, w_ in images.image_sizes]
+            img_emb = self.roi_heads(s_features, full, self.backbone.encode_pooled_regions)
+            losses["loss_image_text"] = w[2] * image_text_contrastive_loss(img_emb, text, self.tau, self.gather)
+        from detectron2.utils.events import get_event_storage
+
+        try:
+            storage = get_event_storage()
+            storage.put_scalar("pretrain/kept_regions", float(keep.float().mean()))
+            storage.put_scalar("pretrain/matched_concepts", float(torch.unique(labels[keep]).numel()))
+        except AssertionError:
+            pass
+        return losses
+
+
+def setup_pretrain_from_cfg(model: PretrainFastRCNN, cfg):
+    """Load what the config names: CLIP weights (student and teacher start equal), the
+    teacher's own weights, the RPN branch, the concept pools."""
+    c = cfg.MODEL.CLIP
+    trusted = c.TRUST_CHECKPOINTS
+    if c.CLIP_WEIGHTS:
+        load_clip_weights(c.CLIP_WEIGHTS, backbone=model.backbone, lang_encoder=model.lang_encoder, trusted=trusted)
+        if not c.TEACHER_OPENCLIP_MODEL and not c.TEACHER_CLIP_WEIGHTS:
+            load_clip_weights(c.CLIP_WEIGHTS, backbone=model.teacher_backbone, trusted=trusted)
+    if c.TEACHER_CLIP_WEIGHTS:
+        load_clip_weights(c.TEACHER_CLIP_WEIGHTS, backbone=model.teacher_backbone, trusted=trusted)
+    elif not c.CLIP_WEIGHTS or c.TEACHER_OPENCLIP_MODEL:
+        if not c.TEACHER_OPENCLIP_MODEL:  # random weights: still start the student equal to the teacher
+            model.backbone.load_state_dict(model.teacher_backbone.state_dict(), strict=False)
+    if c.BB_RPN_WEIGHTS and model.offline_backbone is not None:
+        load_rpn_weights(c.BB_RPN_WEIGHTS, model, trusted=trusted)
+        model._rpn_weights_file = c.BB_RPN_WEIGHTS
+    if c.CONCEPT_POOL_EMB:
+        emb = load_text_embeddings(c.CONCEPT_POOL_EMB, model.backbone.embed_dim, "MODEL.CLIP.CONCEPT_POOL_EMB",
+                                   trusted=trusted)
+        t_emb = load_text_embeddings(c.TEACHER_CONCEPT_POOL_EMB, model.teacher_backbone.embed_dim,
+                                     "MODEL.CLIP.TEACHER_CONCEPT_POOL_EMB", trusted=trusted) \
+            if c.TEACHER_CONCEPT_POOL_EMB else None
+        model.set_concept_pool(emb, t_emb)
