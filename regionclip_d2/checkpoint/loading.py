@@ -6,6 +6,7 @@ architectures install it as a load hook (``install_load_hook``), so every loader
 ``RegionCLIPCheckpointer``, a plain ``load_state_dict``) gets the same conversion.
 """
 import logging
+import os
 from collections import defaultdict
 from typing import Dict
 
@@ -82,6 +83,15 @@ def install_load_hook(model: nn.Module):
     model._register_load_state_dict_pre_hook(hook)
 
 
+def _atomic_write(path: str, write, mode: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _model_keys(model):
     return set(model.state_dict().keys())
 
@@ -138,6 +148,26 @@ class RegionCLIPCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, trusted: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.trusted = trusted
+
+    def save(self, name: str, **kwargs):
+        """Write ``<name>.pth`` atomically (a temporary file renamed into place), then point
+        ``last_checkpoint`` at it (also atomically): a crash never leaves a partial file
+        that ``--resume`` would pick up."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        _atomic_write(path, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str):
+        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"),
+                      lambda f: f.write(last_filename_basename), "w")
 
     def _load_file(self, filename):
         data = read_checkpoint(filename, trusted=self.trusted)
