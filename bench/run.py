@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""CPU speed and memory benchmarks of regionclip_d2 (RN50-C4, random weights: speed does
+not depend on weight values).
+
+Measured, each in its own subprocess (so peak memory is per setting):
+  * zero-shot inference of CLIPFastRCNN in GT and RPN mode at 800x1333 and 480x640, with
+    vocabularies of 65 and 1203 classes and 100 / 300 / 1000 regions: median and spread of
+    repeated runs after warm-up, a breakdown by stage, and peak resident memory;
+  * the limit: the bare compute the method needs, as plain module calls in the same
+    process (CLIP backbone to res4 on the image + res5 and attention pool on the regions
+    + the RPN branch's backbone in RPN mode); reported as end-to-end / limit;
+  * stock detectron2 Faster R-CNN R50-C4 at the same size and number of proposals;
+  * one training step of pretraining (batch 2, 100 regions per image) and of transfer;
+  * vocabulary embedding throughput (prompts/s) against bare encode_text on the same prompts.
+
+  python bench/run.py --quick           # a few settings (minutes)
+  python bench/run.py                   # the whole matrix (long on 2 cores)
+  python bench/run.py --only zs --sizes 480x640 --regions 100 300
+
+Writes bench/results/results.json and results.md. A setting whose run fails is reported
+as failed with its error, never with a number.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
+CONFIG_GT = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
+
+
+# ----------------------------------------------------------------------------- child side
+def _timer():
+    import torch  # noqa: F401
+
+    return time.perf_counter
+
+
+class StageTimer:
+    """Accumulates wall time per named stage (module forwards wrapped in place)."""
+
+    def __init__(self):
+        self.t = {}
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def reset(self):
+        self.t = {}
+
+
+def _build_detector(mode, vocab, regions, opts):
+    import torch
+    from detectron2.modeling import build_model
+
+    from regionclip_d2 import get_regionclip_cfg
+
+    cfg = get_regionclip_cfg(CONFIG_GT if mode == "GT" else CONFIG_RPN,
+                             ["MODEL.DEVICE", "cpu", "MODEL.CLIP.VOCABULARY", "", "MODEL.ROI_HEADS.NUM_CLASSES", vocab,
+                              "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", regions,
+                              "MODEL.RPN.PRE_NMS_TOPK_TEST", max(1000, regions)] + list(opts))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.set_vocabulary(torch.nn.functional.normalize(torch.randn(vocab, 1024), dim=-1))
+    if model.offline_proposal_generator is not None:
+        # random RPN weights move anchors anywhere and NMS then keeps few boxes; with zero
+        # deltas the proposals are anchors (random objectness), so the requested number survives
+        head = model.offline_proposal_generator.rpn_head
+        torch.nn.init.zeros_(head.anchor_deltas.weight)
+        torch.nn.init.zeros_(head.anchor_deltas.bias)
+    return model
+
+
+def _inputs(h, w, mode, regions):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    x = {"image": img, "height": h, "width": w}
+    if mode == "GT":
+        xy = torch.rand(regions, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+        wh = (torch.rand(regions, 2, generator=g) * 0.5 + 0.05) * torch.tensor([w, h])
+        boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w, h]))], dim=1)
+        x["instances"] = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.zeros(regions, dtype=torch.long))
+    return [x]
+
+
+def child_zero_shot(args):
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    mode, vocab, regions = args.mode, args.vocab, args.regions
+    h, w = args.size
+    model = _build_detector(mode, vocab, regions, args.opts)
+    inputs = _inputs(h, w, mode, regions)
+    timer = StageTimer()
+    if model.offline_backbone is not None:
+        model.offline_backbone.forward = timer.wrap("rpn_branch", model.offline_backbone.forward)
+        model.offline_proposal_generator.forward = timer.wrap("rpn_branch", model.offline_proposal_generator.forward)
+    model.backbone.forward = timer.wrap("backbone_res4", model.backbone.forward)
+    model.roi_heads.pooler.forward = timer.wrap("roialign", model.roi_heads.pooler.forward)
+    res = model.clip_resnet
+    res.encode_pooled_regions = timer.wrap("res5_attnpool", res.encode_pooled_regions)
+    pred = model.roi_heads.box_predictor
+    pred.forward = timer.wrap("classifier", pred.forward)
+    pred.inference = timer.wrap("postprocess", pred.inference)
+    times, stages, n_regions, n_dets = [], [], 0, 0
+    for i in range(args.warmup + args.repeats):
+        timer.reset()
+        t0 = time.perf_counter()
+        out = model(inputs)
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(dt)
+            stages.append(dict(timer.t))
+        n_dets = len(out[0]["instances"])
+    n_regions = regions if mode == "GT" else len(model.get_regions(inputs)[0])
+    # the limit: the same compute as plain module calls
+    limit = []
+    with torch.inference_mode():
+        images = model.preprocess_image(inputs)
+        pooled = torch.randn(n_regions, res.layer3[-1].conv3.out_channels, 14, 14)
+        off = model.offline_preprocess_image(inputs) if model.offline_backbone is not None else None
+        orig_bb = type(model.backbone).forward
+        for i in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            if off is not None:
+                type(model.offline_backbone).forward(model.offline_backbone, off.tensor)
+            orig_bb(model.backbone, images.tensor)
+            type(res).encode_pooled_regions(res, pooled)
+            if i >= args.warmup:
+                limit.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+    return {"times": times, "stages": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]},
+            "limit_times": limit, "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak}
+
+
+def child_stock(args):
+    import resource
+
+    import torch
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    torch.set_num_threads(args.threads)
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = args.regions
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = max(6000, args.regions)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    h, w = args.size
+    x = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8), "height": h, "width": w}]
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    return {"times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def child_train(args):
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from regionclip_d2 import get_regionclip_cfg
+
+    torch.set_num_threads(args.threads)
+    h, w = args.size
+    torch.manual_seed(0)
+    if args.kind == "pretrain":
+        cfg = get_regionclip_cfg("configs/pretrain/RegionCLIP_RN50.yaml",
+                                 ["MODEL.DEVICE", "cpu", "MODEL.CLIP.PRETRAIN_SAMPLE_REGIONS", 100,
+                                  "MODEL.CLIP.GATHER_GPUS", False] + list(args.opts))
+        model = build_model(cfg)
+        model.set_concept_pool(torch.randn(4764, 1024))  # the COCO Captions pool size
+        batch = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8), "caption": "a photo of a dog"}
+                 for _ in range(2)]
+    else:
+        model = _build_detector("RPN", 48, 1000, args.opts)
+        model.set_vocabulary(torch.randn(48, 1024), train=True)
+        from detectron2.structures import Boxes, Instances
+
+        batch = []
+        for _ in range(2):
+            x = _inputs(h, w, "GT", 5)[0]
+            batch.append(x)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    times = []
+    with EventStorage(0):
+        for i in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            loss = sum(model(batch).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    return {"times": times}
+
+
+def child_vocab(args):
+    import torch
+
+    from regionclip_d2.modeling.text import build_language_encoder, embed_class_names
+    from regionclip_d2.modeling.text.templates import get_templates
+    from regionclip_d2.data.vocabularies import load_vocabulary, prompt_name
+
+    torch.set_num_threads(args.threads)
+    enc = build_language_encoder("RN50-quickgelu")
+    names = load_vocabulary("lvis")[: args.vocab]
+    prompts = [t.format(prompt_name(n)) for n in names for t in get_templates("imagenet80")]
+    res = {"prompts": len(prompts)}
+    for rep in range(2):  # second round is the measured one
+        t0 = time.perf_counter()
+        embed_class_names(names, enc, templates="imagenet80", use_cache=False, progress=False)
+        t_embed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(prompts), 512):
+                enc(enc.tokenize(prompts[i:i + 512]))
+        t_bare = time.perf_counter() - t0
+    res.update(embed_s=t_embed, bare_s=t_bare)
+    return res
+
+
+CHILDREN = {"zs": child_zero_shot, "stock": child_stock, "train": child_train, "vocab": child_vocab}
+
+
+# ----------------------------------------------------------------------------- parent side
+def run_child(kind, params, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--params", json.dumps(params)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {r.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarize(times):
+    med = statistics.median(times)
+    return {"median_s": med, "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def fmt(x, nd=2):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def machine():
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    info["torch"] = torch.__version__
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small subset (480x640, 100 regions, 65 classes)")
+    ap.add_argument("--only", nargs="+", choices=["zs", "stock", "train", "vocab"], default=None,
+                    help="which groups to run (default: all)")
+    ap.add_argument("--sizes", nargs="+", default=None, help="HxW sizes (default: 800x1333 480x640)")
+    ap.add_argument("--regions", nargs="+", type=int, default=None, help="default: 100 300 1000")
+    ap.add_argument("--vocabs", nargs="+", type=int, default=None, help="default: 65 1203")
+    ap.add_argument("--modes", nargs="+", choices=["GT", "RPN"], default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per setting")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--opts", nargs="*", default=[], help="config overrides for every detector setting")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--params", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        p = argparse.Namespace(**json.loads(args.params))
+        p.size = tuple(p.size) if hasattr(p, "size") else None
+        print("RESULT " + json.dumps(CHILDREN[args.child](p)), flush=True)
+        return 0
+    sizes = args.sizes or (["480x640"] if args.quick else ["800x1333", "480x640"])
+    try:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in sizes]
+    except ValueError:
+        ap.error(f"--sizes must look like 800x1333, got {args.sizes}")
+    regions = args.regions or ([100] if args.quick else [100, 300, 1000])
+    vocabs = args.vocabs or ([65] if args.quick else [65, 1203])
+    modes = args.modes or ["GT", "RPN"]
+    groups = args.only or ["zs", "stock", "train", "vocab"]
+    repeats = 3 if args.quick and args.repeats == 5 else args.repeats
+    for cfg in (CONFIG_GT, CONFIG_RPN):
+        if not os.path.isfile(os.path.join(ROOT, cfg)):
+            raise SystemExit(f"bench: config {cfg} is missing; run from a complete checkout")
+    base = {"warmup": args.warmup, "repeats": repeats, "threads": args.threads, "opts": args.opts}
+    results = {"machine": machine(), "zero_shot": [], "stock": [], "train": [], "vocab": []}
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(render(results))
+
+    if "zs" in groups:
+        for size in sizes:
+            for mode in modes:
+                for vocab in vocabs:
+                    for n in regions:
+                        params = dict(base, mode=mode, vocab=vocab, regions=n, size=size)
+                        print(f"zero-shot {mode} {size[0]}x{size[1]} vocab {vocab} regions {n} ...", flush=True)
+                        r = run_child("zs", params, args.timeout)
+                        row = {"mode": mode, "size": f"{size[0]}x{size[1]}", "vocab": vocab, "regions": n}
+                        if "error" in r:
+                            row["error"] = r["error"]
+                        else:
+                            e2e, lim = summarize(r["times"]), summarize(r["limit_times"])
+                            row.update(e2e=e2e, limit=lim, ratio=e2e["median_s"] / lim["median_s"], stages=r["stages"],
+                                       actual_regions=r["regions"], peak_rss_mib=r["peak_rss_mib"])
+                        results["zero_shot"].append(row)
+                        print("   ", row.get("error") or f"{row['e2e']['median_s']:.3f} s, limit "
+                              f"{row['limit']['median_s']:.3f} s, ratio {row['ratio']:.2f}", flush=True)
+                        save()
+    if "stock" in groups:
+        for size in sizes:
+            for n in regions:
+                print(f"stock Faster R-CNN R50-C4 {size[0]}x{size[1]} proposals {n} ...", flush=True)
+                r = run_child("stock", dict(base, size=size, regions=n), args.timeout)
+                row = {"size": f"{size[0]}x{size[1]}", "regions": n}
+                row.update({"error": r["error"]} if "error" in r else
+                           {"e2e": summarize(r["times"]), "peak_rss_mib": r["peak_rss_mib"]})
+                results["stock"].append(row)
+                save()
+    if "train" in groups:
+        for kind in ("pretrain", "transfer"):
+            size = (480, 640)
+            print(f"training step: {kind} ...", flush=True)
+            r = run_child("train", dict(base, kind=kind, size=size, warmup=1, repeats=max(2, repeats // 2)),
+                          args.timeout)
+            row = {"kind": kind, "size": "480x640", "batch": 2}
+            row.update({"error": r["error"]} if "error" in r else {"step": summarize(r["times"])})
+            results["train"].append(row)
+            save()
+    if "vocab" in groups:
+        for vocab in ([65] if args.quick else [65, 200]):
+            print(f"vocabulary embedding: {vocab} classes x 80 templates ...", flush=True)
+            r = run_child("vocab", dict(base, vocab=vocab), args.timeout)
+            row = {"classes": vocab}
+            row.update({"error": r["error"]} if "error" in r else
+                       {"prompts": r["prompts"], "embed_prompts_per_s": r["prompts"] / r["embed_s"],
+                        "bare_prompts_per_s": r["prompts"] / r["bare_s"], "ratio": r["embed_s"] / r["bare_s"]})
+            results["vocab"].append(row)
+            save()
+    save()
+    print(render(results))
+    return 0
+
+
+def render(res):
+    m = res["machine"]
+    out = [f"Machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads\n"]
+    if res["zero_shot"]:
+        out += ["## Zero-shot inference (CLIPFastRCNN RN50-C4, batch 1)\n",
+                "| mode | size | vocab | regions | end-to-end s (min-max) | limit s | ratio | RPN | res4 | RoIAlign "
+                "| res5+pool | classifier | post | peak RSS MiB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["zero_shot"]:
+            if "error" in r:
+                out.append(f"| {r['mode']} | {r['size']} | {r['vocab']} | {r['regions']} | failed: {r['error'][:80]} "
+                           "| | | | | | | | | |")
+                continue
+            s = r["stages"]
+            out.append(f"| {r['mode']} | {r['size']} | {r['vocab']} | {r['actual_regions']} | "
+                       f"{fmt(r['e2e']['median_s'])} ({fmt(r['e2e']['min_s'])}-{fmt(r['e2e']['max_s'])}) | "
+                       f"{fmt(r['limit']['median_s'])} | {fmt(r['ratio'])} | {fmt(s.get('rpn_branch'))} | "
+                       f"{fmt(s.get('backbone_res4'))} | {fmt(s.get('roialign'))} | {fmt(s.get('res5_attnpool'))} | "
+                       f"{fmt(s.get('classifier'), 3)} | {fmt(s.get('postprocess'), 3)} | {r['peak_rss_mib']:.0f} |")
+    if res["stock"]:
+        out += ["\n## Stock detectron2 Faster R-CNN R50-C4 (reference)\n", "| size | proposals | s (min-max) | peak RSS MiB |",
+                "|---|---|---|---|"]
+        for r in res["stock"]:
+            out.append(f"| {r['size']} | {r['regions']} | failed: {r['error'][:80]} | |" if "error" in r else
+                       f"| {r['size']} | {r['regions']} | {fmt(r['e2e']['median_s'])} ({fmt(r['e2e']['min_s'])}-"
+                       f"{fmt(r['e2e']['max_s'])}) | {r['peak_rss_mib']:.0f} |")
+    if res["train"]:
+        out += ["\n## Training step (batch 2, 480x640)\n", "| kind | s / step (min-max) |", "|---|---|"]
+        for r in res["train"]:
+            out.append(f"| {r['kind']} | failed: {r['error'][:80]} |" if "error" in r else
+                       f"| {r['kind']} | {fmt(r['step']['median_s'])} ({fmt(r['step']['min_s'])}-{fmt(r['step']['max_s'])}) |")
+    if res["vocab"]:
+        out += ["\n## Vocabulary embedding (80 templates)\n",
+                "| classes | prompts | embed_class_names prompts/s | bare encode_text prompts/s | time ratio |",
+                "|---|---|---|---|---|"]
+        for r in res["vocab"]:
+            out.append(f"| {r['classes']} | failed: {r['error'][:80]} | | | |" if "error" in r else
+                       f"| {r['classes']} | {r['prompts']} | {r['embed_prompts_per_s']:.0f} | "
+                       f"{r['bare_prompts_per_s']:.0f} | {r['ratio']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
