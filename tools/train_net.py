@@ -27,16 +27,23 @@ from regionclip_d2.engine import RegionCLIPTrainer, launch  # noqa: E402
 logger = logging.getLogger("regionclip_d2.train_net")
 
 
-def register_datasets(specs):
-    """``NAME=ANNOTATIONS.json:IMAGE_ROOT`` -> a registered COCO-format data set."""
+def register_datasets(specs, category_splits=()):
+    """``NAME=ANNOTATIONS.json:IMAGE_ROOT`` -> a registered COCO-format data set;
+    ``category_splits``: ``NAME=SPLIT`` keeps only the categories marked with that split."""
     from regionclip_d2.data.datasets import register_coco_format
 
+    splits = {}
+    for spec in category_splits or []:
+        name, sep, split = spec.partition("=")
+        if not sep or not name or not split:
+            raise SystemExit(f"--categories {spec!r}: expected NAME=SPLIT (e.g. world_train=base)")
+        splits[name] = split
     for spec in specs or []:
         name, sep, rest = spec.partition("=")
         json_file, sep2, image_root = rest.rpartition(":")
         if not sep or not sep2 or not name or not json_file:
             raise SystemExit(f"--register {spec!r}: expected NAME=ANNOTATIONS.json:IMAGE_ROOT")
-        register_coco_format(name, json_file, image_root)
+        register_coco_format(name, json_file, image_root, category_split=splits.get(name))
 
 
 def register_caption_datasets(specs):
@@ -52,7 +59,7 @@ def register_caption_datasets(specs):
 
 
 def setup(args):
-    register_datasets(args.register)
+    register_datasets(args.register, args.categories)
     register_caption_datasets(args.register_captions)
     cfg = get_regionclip_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
@@ -81,6 +88,9 @@ def build_parser():
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--register", action="append", metavar="NAME=ANNOTATIONS.json:IMAGE_ROOT",
                         help="register a COCO-format data set (repeatable), then name it in DATASETS.TEST/TRAIN")
+    parser.add_argument("--categories", action="append", metavar="NAME=SPLIT",
+                        help="keep only the categories of a registered data set whose 'split' is SPLIT "
+                             "(e.g. a training file listing novel classes without boxes: NAME=base)")
     parser.add_argument("--register-captions", action="append", metavar="NAME=CAPTIONS_FILE:IMAGE_ROOT",
                         help="register an image-caption data set (COCO Captions .json, .jsonl or .tsv) for "
                              "region-text pretraining (repeatable), then name it in DATASETS.TRAIN")

@@ -121,15 +121,25 @@ def check_coco_annotations(data: Dict, json_file: str, image_root: Optional[str]
     return dict(stats)
 
 
-def _load_checked(json_file, image_root, name, vocabulary=None):
+def _load_checked(json_file, image_root, name, vocabulary=None, category_split=None):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"data set {name!r}: annotation file {json_file} does not exist; {HOW_TO}")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"data set {name!r}: image folder {image_root} does not exist; {HOW_TO}")
     with open(json_file) as f:
         data = json.load(f)
+    if category_split is not None:
+        keep = {c["id"] for c in data.get("categories", []) if c.get("split") == category_split}
+        if not keep:
+            raise AnnotationError(f"{json_file}: no category is marked \"split\": \"{category_split}\"")
+        data["categories"] = [c for c in data["categories"] if c["id"] in keep]
+        dropped = [a for a in data.get("annotations", []) if a.get("category_id") not in keep]
+        if dropped:
+            logger.warning("%s: %d annotation(s) of categories outside split %r dropped", json_file, len(dropped),
+                           category_split)
+        data["annotations"] = [a for a in data.get("annotations", []) if a.get("category_id") in keep]
     stats = check_coco_annotations(data, json_file, image_root, vocabulary)
-    if stats:
+    if stats or category_split is not None:
         import tempfile
 
         fd, fixed = tempfile.mkstemp(suffix=".json", prefix=f"{name}_checked_")
@@ -140,13 +150,15 @@ def _load_checked(json_file, image_root, name, vocabulary=None):
 
 
 def register_coco_format(name: str, json_file: str, image_root: str, novel_classes: Optional[List[str]] = None,
-                         **metadata):
+                         category_split: Optional[str] = None, **metadata):
     """Register a COCO-format detection data set in one line.
 
     ``register_coco_format("my_val", "ann.json", "images/")``, then ``DATASETS.TEST ("my_val",)``.
     Annotations are checked (see :func:`check_coco_annotations`). Classes marked
     ``"split": "novel"`` in the file's categories (or given as ``novel_classes``) are
-    reported separately by the evaluator (novel / base / all AP50).
+    reported separately by the evaluator (novel / base / all AP50). ``category_split="base"``
+    keeps only the categories marked ``"split": "base"`` (a training split whose file lists
+    novel categories without boxes), so class indices follow the base vocabulary.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"annotation file {json_file!r} for data set {name!r} does not exist")
@@ -157,15 +169,15 @@ def register_coco_format(name: str, json_file: str, image_root: str, novel_class
             cats = json.load(f).get("categories", [])
         if any("split" in c for c in cats):
             novel_classes = [c["name"] for c in cats if c.get("split") == "novel"]
-    _register(name, json_file, image_root, novel_classes, metadata)
+    _register(name, json_file, image_root, novel_classes, metadata, category_split)
     return name
 
 
-def _register(name, json_file, image_root, novel_classes, metadata):
+def _register(name, json_file, image_root, novel_classes, metadata, category_split=None):
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: _load_checked(json_file, image_root, name))
+    DatasetCatalog.register(name, lambda: _load_checked(json_file, image_root, name, category_split=category_split))
     # no "json_file" in the metadata: the COCO evaluator then builds its ground truth from
     # the checked records, so evaluation sees exactly what was loaded
     meta = dict(annotation_file=json_file, image_root=image_root, evaluator_type="coco", **metadata)
