@@ -28,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 PROFILES = {
     # the demo: all stages in about 15 minutes on 2 CPU cores
-    "demo": dict(num_train=2000, num_val=100, num_test=300, clip_steps=600, clip_batch=128, min_count=30,
-                 rpn_iters=200, rpn_batch=16, pretrain_iters=200, pretrain_batch=32, transfer_iters=250,
-                 transfer_batch=16, demo_images=4),
+    "demo": dict(num_train=2000, num_val=100, num_test=300, clip_steps=500, clip_batch=128, min_count=30,
+                 rpn_iters=100, rpn_batch=16, pretrain_iters=150, pretrain_batch=16, transfer_iters=150,
+                 transfer_batch=8, demo_images=4),
     # the test suite: every stage, tiny
     "tiny": dict(num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16, min_count=2,
                  rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4, transfer_iters=4,
@@ -165,6 +165,8 @@ class Pipeline:
         from ..data.mappers import build_test_mapper
         from ..evaluation.region_classification import region_classification_accuracy
 
+        for name in ("fvcore", "detectron2", "d2", "regionclip_d2"):  # keep the console to the progress lines
+            logging.getLogger(name).setLevel(logging.ERROR)
         register_coco_format("world_test", self.ann("test"), os.path.join(self.world, "test"))
         dicts = DatasetCatalog.get("world_test")
         names = MetadataCatalog.get("world_test").thing_classes
@@ -260,8 +262,11 @@ class Pipeline:
               "", "Zero-shot: top-1 accuracy of classifying ground-truth boxes of the test split among all 14 "
               "classes (mean of per-class accuracy). Transfer: detectors trained on base-class boxes with the "
               "RPN branch, evaluated on all 14 classes (mean of per-class AP50).", "",
-              f"World CLIP: held-out retrieval top-1 {results['world_clip'].get('retrieval_top1', float('nan')):.3f}, "
-              f"whole-image shape accuracy {results['world_clip'].get('zero_shot_shape_accuracy', float('nan')):.3f}.",
+              f"World CLIP: held-out image-to-caption retrieval top-1 "
+              f"{100 * results['world_clip'].get('retrieval_top1', float('nan')):.1f}% (chance "
+              f"{100 * results['world_clip'].get('retrieval_chance', float('nan')):.1f}%); whole-image shape accuracy "
+              f"{100 * results['world_clip'].get('zero_shot', {}).get('accuracy', float('nan')):.1f}% over 14 shapes "
+              f"(novel {100 * results['world_clip'].get('zero_shot', {}).get('accuracy_novel', float('nan')):.1f}%).",
               f"Concept pool: {results['concepts']} concepts.", "",
               "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in self.timings.items()), "",
               f"Visualised detections: {results['demo_dir']}"]

@@ -4,7 +4,7 @@ image -> regions (the frozen RPN branch, GT boxes or given proposals) -> RoI fea
 (CLIP backbone: res4, RoIAlign, res5, attention pool) -> scores against the vocabulary's
 text embeddings -> fused scores -> Instances.
 """
-import copy
+import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -62,7 +62,7 @@ class CLIPFastRCNN(nn.Module):
                  offline_pixel_mean: Sequence[float] = (103.53, 116.28, 123.675),
                  offline_pixel_std: Sequence[float] = (1.0, 1.0, 1.0), offline_input_format: str = "BGR",
                  train_offline_rpn: bool = False, prompt_templates: str = "imagenet80",
-                 setup_cfg=None):
+                 inference_dtype: str = "float32", channels_last: bool = False, setup_cfg=None):
         super().__init__()
         if region_type not in REGION_TYPES:
             raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r}: use one of {REGION_TYPES}")
@@ -78,6 +78,12 @@ class CLIPFastRCNN(nn.Module):
         self.offline_input_format = offline_input_format
         self.train_offline_rpn = train_offline_rpn
         self.prompt_templates = prompt_templates
+        if inference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"MODEL.CLIP.INFERENCE_DTYPE={inference_dtype!r}: use float32 or bfloat16")
+        self.inference_dtype = inference_dtype
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
@@ -127,6 +133,8 @@ class CLIPFastRCNN(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "train_offline_rpn": c.TRAIN_OFFLINE_RPN,
             "prompt_templates": c.PROMPT_TEMPLATES,
+            "inference_dtype": c.INFERENCE_DTYPE,
+            "channels_last": c.CHANNELS_LAST,
             "setup_cfg": cfg,
         }
         if c.CROP_REGION_TYPE == "RPN":
@@ -210,6 +218,8 @@ class CLIPFastRCNN(nn.Module):
             images = [x / 255.0 for x in images]
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         # images smaller than the backbone's total stride are padded (zeros) to 32 px;
         # larger ones are left as they are, like the official code
         h, w = images.tensor.shape[-2:]
@@ -287,11 +297,19 @@ class CLIPFastRCNN(nn.Module):
         losses.update(getattr(self, "_rpn_losses", {}))
         return losses
 
-    @torch.no_grad()
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        """Detections for each input (``instances`` in the input's height/width).
+        Runs under ``torch.inference_mode``; with ``INFERENCE_DTYPE bfloat16`` the
+        networks run under autocast (scores and boxes come back as float32)."""
         assert not self.training
-        if self._stale_vocab:
+        if self._stale_vocab:  # outside inference mode: the embeddings may serve training later
             self._refresh_vocabulary()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
+            if self.inference_dtype == "bfloat16" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return self._inference(batched_inputs, do_postprocess)
+
+    def _inference(self, batched_inputs, do_postprocess):
         regions = self.get_regions(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         results = [None] * len(batched_inputs)

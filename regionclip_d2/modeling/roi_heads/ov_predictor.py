@@ -130,7 +130,7 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
             raise NoVocabularyError(
                 "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
                 "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
-        deltas = self.bbox_pred(x)
+        deltas = self.bbox_pred(x).float()
         feats = self.projection(x) if self.projection is not None else x
         feats = F.normalize(feats.float(), dim=-1)
         logits = feats @ F.normalize(emb, dim=-1).t()
