@@ -97,6 +97,7 @@ def main(argv=None):
                        bar, "recognition" if random and not rpn_random else
                        ("RPN branch" if not random else "recognition and RPN branch"), bar)
     cfg.freeze()
+    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)  # random weights, if any, are reproducible
     predictor = DefaultPredictor(cfg)
     predictor.model.set_vocabulary(names)
     os.makedirs(args.output, exist_ok=True)

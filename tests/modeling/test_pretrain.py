@@ -20,8 +20,8 @@ from helpers import image_input, tiny_model
 PRETRAIN = "configs/pretrain/RegionCLIP_RN50.yaml"
 
 
-def pretrain_cfg(tiny_clip_config, region_type="GRID", extra=()):
-    cfg = get_regionclip_cfg(PRETRAIN, ["MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config,
+def pretrain_cfg(tiny_clip_config, region_type="GRID", extra=(), base=PRETRAIN):
+    cfg = get_regionclip_cfg(base, ["MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config,
                                         "MODEL.CLIP.TEXT_EMB_DIM", 64, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 4,
                                         "MODEL.CLIP.TEACHER_POOLER_RESOLUTION", 4, "MODEL.DEVICE", "cpu",
                                         "MODEL.CLIP.CROP_REGION_TYPE", region_type, "MODEL.CLIP.GATHER_GPUS", False]

@@ -132,8 +132,9 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
                 "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
         deltas = self.bbox_pred(x).float()
         feats = self.projection(x) if self.projection is not None else x
-        feats = F.normalize(feats.float(), dim=-1)
-        logits = feats @ F.normalize(emb, dim=-1).t()
+        with torch.autocast(x.device.type, enabled=False):  # the classifier always runs in float32
+            feats = F.normalize(feats.float(), dim=-1)
+            logits = feats @ F.normalize(emb.float(), dim=-1).t()
         bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
         return torch.cat([logits, bg], dim=1) / self.temperature, deltas
 
@@ -192,7 +193,11 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         return probs.split([len(p) for p in proposals], dim=0)
 
     def inference(self, predictions, proposals):
-        boxes = self.predict_boxes(predictions, proposals)
+        with torch.autocast(predictions[0].device.type, enabled=False):
+            return self._inference(predictions, proposals)
+
+    def _inference(self, predictions, proposals):
+        boxes = [b.float() for b in self.predict_boxes(predictions, proposals)]
         scores = self.predict_probs(predictions, proposals)
         # rows with NaN / inf (legacy fusion) are removed before thresholding and NMS
         keep = [torch.isfinite(s).all(dim=1) & torch.isfinite(b).all(dim=1) for s, b in zip(scores, boxes)]
