@@ -46,8 +46,68 @@ def build_offline_rpn_cfg(cfg):
     return ocfg
 
 
+class TwoBranchInputs:
+    """Input normalisation shared by the CLIP meta-architectures: the recognition branch
+    (CLIP) and the localization branch (the RPN, its own format and mean/std)."""
+
+    def _init_inputs(self, pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
+                     offline_input_format):
+        self.input_format = input_format
+        self.offline_input_format = offline_input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
+        # official convention: a mean summing to < 3 means the model works on 0..1 input
+        self.div_pixel = float(np.sum(pixel_mean)) < 3.0
+        self.offline_div_pixel = float(np.sum(offline_pixel_mean)) < 3.0
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Recognition branch input: RGB, /255 when the mean is in 0..1 units, CLIP
+        normalisation, zero padding (in normalised space) to the batch's largest size."""
+        images = [self._to_format(x["image"], self.input_format).to(self.device) for x in batched_inputs]
+        if self.div_pixel:
+            images = [x / 255.0 for x in images]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        if getattr(self, "channels_last", False):
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        # images smaller than the backbone's total stride are padded (zeros) to 32 px;
+        # larger ones are left as they are, like the official code
+        h, w = images.tensor.shape[-2:]
+        if h < 32 or w < 32:
+            t = torch.nn.functional.pad(images.tensor, (0, max(0, 32 - w), 0, max(0, 32 - h)))
+            images = ImageList(t, images.image_sizes)
+        return images
+
+    def offline_preprocess_image(self, batched_inputs):
+        """RPN branch input: its own format, mean/std, padded to its size divisibility."""
+        images = [self._to_format(x["image"], self.offline_input_format).to(self.device).float()
+                  for x in batched_inputs]
+        if self.offline_div_pixel:
+            images = [x / 255.0 for x in images]
+        images = [(x - self.offline_pixel_mean) / self.offline_pixel_std for x in images]
+        return ImageList.from_tensors(images, self.offline_backbone.size_divisibility)
+
+    def _to_format(self, image: torch.Tensor, fmt: str) -> torch.Tensor:
+        # Inputs follow cfg.INPUT.FORMAT (the recognition branch's); flip for the other format.
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"each input 'image' must be a [3, H, W] tensor in {self.input_format} order, "
+                             f"got shape {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"an input image is empty (shape {tuple(image.shape)}): give an image with pixels")
+        if fmt != self.input_format and {fmt, self.input_format} == {"RGB", "BGR"}:
+            image = image.flip(0)
+        return image.float()
+
+
+
 @META_ARCH_REGISTRY.register()
-class CLIPFastRCNN(nn.Module):
+class CLIPFastRCNN(TwoBranchInputs, nn.Module):
     """Two branches: localization (a frozen detectron2 backbone + RPN, its own input
     format and normalisation) and recognition (a CLIP ResNet + CLIP RoI head).
 
@@ -74,8 +134,8 @@ class CLIPFastRCNN(nn.Module):
         self.offline_backbone = offline_backbone
         self.offline_proposal_generator = offline_proposal_generator
         self.region_type = region_type
-        self.input_format = input_format
-        self.offline_input_format = offline_input_format
+        self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
+                          offline_input_format)
         self.train_offline_rpn = train_offline_rpn
         self.prompt_templates = prompt_templates
         if inference_dtype not in ("float32", "bfloat16"):
@@ -84,13 +144,6 @@ class CLIPFastRCNN(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
-        # official convention: a mean summing to < 3 means the model works on 0..1 input
-        self.div_pixel = float(np.sum(pixel_mean)) < 3.0
-        self.offline_div_pixel = float(np.sum(offline_pixel_mean)) < 3.0
         self._rpn_weights_file = ""
         self.lang_encoder_loaded = False  # becomes True when text-encoder weights arrive
         if self.offline_backbone is not None and not train_offline_rpn:
@@ -146,10 +199,6 @@ class CLIPFastRCNN(nn.Module):
         return ret
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
     @property
     def clip_resnet(self):
         """The CLIP ResNet (``backbone`` in C4, ``backbone.bottom_up`` in FPN)."""
@@ -208,45 +257,6 @@ class CLIPFastRCNN(nn.Module):
         else:
             pred.set_test_vocabulary(emb, names)
         return names
-
-    # ------------------------------------------------------------------ input
-    def preprocess_image(self, batched_inputs):
-        """Recognition branch input: RGB, /255 when the mean is in 0..1 units, CLIP
-        normalisation, zero padding (in normalised space) to the batch's largest size."""
-        images = [self._to_format(x["image"], self.input_format).to(self.device) for x in batched_inputs]
-        if self.div_pixel:
-            images = [x / 255.0 for x in images]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        if self.channels_last:
-            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
-        # images smaller than the backbone's total stride are padded (zeros) to 32 px;
-        # larger ones are left as they are, like the official code
-        h, w = images.tensor.shape[-2:]
-        if h < 32 or w < 32:
-            t = torch.nn.functional.pad(images.tensor, (0, max(0, 32 - w), 0, max(0, 32 - h)))
-            images = ImageList(t, images.image_sizes)
-        return images
-
-    def offline_preprocess_image(self, batched_inputs):
-        """RPN branch input: its own format, mean/std, padded to its size divisibility."""
-        images = [self._to_format(x["image"], self.offline_input_format).to(self.device).float()
-                  for x in batched_inputs]
-        if self.offline_div_pixel:
-            images = [x / 255.0 for x in images]
-        images = [(x - self.offline_pixel_mean) / self.offline_pixel_std for x in images]
-        return ImageList.from_tensors(images, self.offline_backbone.size_divisibility)
-
-    def _to_format(self, image: torch.Tensor, fmt: str) -> torch.Tensor:
-        # Inputs follow cfg.INPUT.FORMAT (the recognition branch's); flip for the other format.
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"each input 'image' must be a [3, H, W] tensor in {self.input_format} order, "
-                             f"got shape {tuple(image.shape)}")
-        if image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"an input image is empty (shape {tuple(image.shape)}): give an image with pixels")
-        if fmt != self.input_format and {fmt, self.input_format} == {"RGB", "BGR"}:
-            image = image.flip(0)
-        return image.float()
 
     # ------------------------------------------------------------------ regions
     def get_regions(self, batched_inputs, gt_instances=None) -> List[Instances]:

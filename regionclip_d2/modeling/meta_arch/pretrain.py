@@ -21,7 +21,7 @@ from ..backbone.clip_resnet import clip_resnet_from_cfg
 from ..losses import (cosine_logits, image_text_contrastive_loss, pseudo_labels,
                       region_concept_contrastive_loss, region_concept_distillation_loss)
 from ..text import build_language_encoder, load_text_embeddings
-from .clip_rcnn import build_offline_rpn_cfg
+from .clip_rcnn import TwoBranchInputs, build_offline_rpn_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def random_boxes(h: int, w: int, n: int, generator=None, min_frac: float = 0.1, 
 
 
 @META_ARCH_REGISTRY.register()
-class PretrainFastRCNN(nn.Module):
+class PretrainFastRCNN(TwoBranchInputs, nn.Module):
     """Student CLIP ResNet (``backbone``, trained), teacher CLIP ResNet (``teacher_backbone``,
     frozen), language encoder (``lang_encoder``, frozen), and the RPN branch
     (``offline_backbone`` + ``offline_proposal_generator``, frozen) for RPN regions.
@@ -94,14 +94,8 @@ class PretrainFastRCNN(nn.Module):
         self.image_text = image_text
         self.gather = gather
         self.loss_weights = tuple(loss_weights)
-        self.input_format = input_format
-        self.offline_input_format = offline_input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
-        self.div_pixel = float(sum(pixel_mean)) < 3.0
-        self.offline_div_pixel = float(sum(offline_pixel_mean)) < 3.0
+        self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
+                          offline_input_format)
         self._rpn_weights_file = ""
         install_load_hook(self)
         if setup_cfg is not None:
@@ -154,10 +148,6 @@ class PretrainFastRCNN(nn.Module):
         self.concept_emb = concept_emb.float().to(self.pixel_mean.device)
         self.teacher_concept_emb = teacher_concept_emb.float().to(self.pixel_mean.device)
 
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
     def train(self, mode: bool = True):
         super().train(mode)
         for m in (self.teacher_backbone, self.lang_encoder, self.offline_backbone, self.offline_proposal_generator):
@@ -166,28 +156,13 @@ class PretrainFastRCNN(nn.Module):
         return self
 
     # ------------------------------------------------------------------ regions
-    def _images(self, batched_inputs, offline=False):
-        fmt = self.offline_input_format if offline else self.input_format
-        mean, std = (self.offline_pixel_mean, self.offline_pixel_std) if offline else (self.pixel_mean, self.pixel_std)
-        div = self.offline_div_pixel if offline else self.div_pixel
-        out = []
-        for x in batched_inputs:
-            img = x["image"].to(self.device).float()
-            if fmt != self.input_format:
-                img = img.flip(0)
-            if div:
-                img = img / 255.0
-            out.append((img - mean) / std)
-        div_by = self.offline_backbone.size_divisibility if offline else 0
-        return ImageList.from_tensors(out, div_by)
-
     @torch.no_grad()
     def get_regions(self, batched_inputs, image_sizes) -> List[Boxes]:
         if self.region_type == "GRID":
             return [Boxes(grid_boxes(h, w, *self.grid, device=self.device)) for h, w in image_sizes]
         if self.region_type == "RANDOM":
             return [Boxes(random_boxes(h, w, self.num_random_regions, device=self.device)) for h, w in image_sizes]
-        images = self._images(batched_inputs, offline=True)
+        images = self.offline_preprocess_image(batched_inputs)
         proposals, _ = self.offline_proposal_generator(images, self.offline_backbone(images.tensor), None)
         regions = []
         for p in proposals:
@@ -203,7 +178,7 @@ class PretrainFastRCNN(nn.Module):
         if self.concept_emb.shape[0] == 0:
             raise RuntimeError("no concept pool: set MODEL.CLIP.CONCEPT_POOL_EMB (make it with "
                                "tools/extract_concepts.py) or call model.set_concept_pool(...)")
-        images = self._images(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
         regions = self.get_regions(batched_inputs, images.image_sizes)
         with torch.no_grad():
             t_feats = self.roi_heads(self.teacher_backbone(images.tensor), regions,
