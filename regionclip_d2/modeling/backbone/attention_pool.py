@@ -36,6 +36,13 @@ def interpolate_positional_embedding(pos: torch.Tensor, h: int, w: int) -> torch
 def attention_pool(attnpool, x: torch.Tensor) -> torch.Tensor:
     """Run CLIP's attention pool on feature maps.
 
+    Only the mean token's query is computed, and the key and value projections are moved
+    to the query side, which is exact algebra (up to float rounding):
+    ``q_h . (Wk_h t_i + bk_h) = (Wk_h^T q_h) . t_i + const`` (the constant cancels in the
+    softmax) and ``sum_i a_hi (Wv_h t_i + bv_h) = Wv_h (sum_i a_hi t_i) + bv_h``. Per region
+    this costs about 5 C^2 + 2 H L C multiply-adds instead of 2 L C^2 for projecting all L
+    tokens (C = 2048, L = 50, H = 32 for RN50: about 20x fewer).
+
     Args:
         attnpool: an open_clip ``AttentionPool2d`` (``positional_embedding``,
             ``q_proj``, ``k_proj``, ``v_proj``, ``c_proj``, ``num_heads``).
@@ -44,20 +51,17 @@ def attention_pool(attnpool, x: torch.Tensor) -> torch.Tensor:
         ``[N, D]`` pooled embeddings (not normalised).
     """
     n, c, h, w = x.shape
-    tokens = x.flatten(2).permute(2, 0, 1)  # [HW, N, C]
-    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)  # [HW+1, N, C]
-    pos = interpolate_positional_embedding(attnpool.positional_embedding, h, w)
-    tokens = tokens + pos[:, None, :].to(tokens.dtype)
     heads = attnpool.num_heads
-    head_dim = c // heads
-    # One query (the mean token); keys and values over all tokens.
-    q = F.linear(tokens[:1], attnpool.q_proj.weight, attnpool.q_proj.bias)  # [1, N, C]
-    k = F.linear(tokens, attnpool.k_proj.weight, attnpool.k_proj.bias)  # [L, N, C]
-    v = F.linear(tokens, attnpool.v_proj.weight, attnpool.v_proj.bias)
-    length = tokens.shape[0]
-    q = q.reshape(1, n * heads, head_dim).transpose(0, 1)  # [N*heads, 1, hd]
-    k = k.reshape(length, n * heads, head_dim).transpose(0, 1)  # [N*heads, L, hd]
-    v = v.reshape(length, n * heads, head_dim).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q, k, v)  # [N*heads, 1, hd]
-    out = out.transpose(0, 1).reshape(n, c)
-    return F.linear(out, attnpool.c_proj.weight, attnpool.c_proj.bias)
+    d = c // heads
+    tokens = x.flatten(2).permute(0, 2, 1)  # [N, HW, C]
+    tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, L, C]
+    pos = interpolate_positional_embedding(attnpool.positional_embedding, h, w)
+    tokens = tokens + pos[None].to(tokens.dtype)
+    q = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias).view(n, heads, d)
+    wk = attnpool.k_proj.weight.view(heads, d, c).to(tokens.dtype)
+    u = torch.einsum("nhd,hdc->nhc", q, wk) * (d ** -0.5)  # keys moved to the query side
+    attn = torch.softmax(torch.bmm(u, tokens.transpose(1, 2)), dim=-1)  # [N, heads, L]
+    mixed = torch.bmm(attn, tokens)  # [N, heads, C]: attention-weighted tokens per head
+    wv = attnpool.v_proj.weight.view(heads, d, c).to(tokens.dtype)
+    out = torch.einsum("nhc,hdc->nhd", mixed, wv) + attnpool.v_proj.bias.view(heads, d).to(tokens.dtype)
+    return F.linear(out.reshape(n, c), attnpool.c_proj.weight, attnpool.c_proj.bias)
