@@ -376,7 +376,7 @@ def main(argv=None):
             results["train"].append(row)
             save()
     if "vocab" in groups:
-        for vocab in ([65] if args.quick else [65, 200]):
+        for vocab in (args.vocabs or ([65] if args.quick else [65, 200])):
             print(f"vocabulary embedding: {vocab} classes x 80 templates ...", flush=True)
             r = run_child("vocab", dict(base, vocab=vocab), args.timeout)
             row = {"classes": vocab}

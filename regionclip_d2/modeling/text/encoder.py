@@ -58,6 +58,10 @@ class LanguageEncoder(nn.Module):
         With ``all_tokens`` also returns every token's projected feature ``[N, L, D]``."""
         cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") \
             else self.token_embedding.weight.dtype
+        if not all_tokens and self.attn_mask is not None:
+            # causal attention: the end-of-text output depends only on the tokens up to it,
+            # so the padding after the longest text of the batch need not be computed
+            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
         length = tokens.shape[1]
         x = self.token_embedding(tokens).to(cast)
         x = x + self.positional_embedding[:length].to(cast)
