@@ -112,7 +112,8 @@ def main(argv=None):
         inst = predictor(image)["instances"].to("cpu")
         inst = inst[inst.scores >= args.confidence_threshold]
         stem = os.path.splitext(os.path.basename(path))[0]
-        vis = Visualizer(image[:, :, ::-1], metadata=None)
+        scale = max(1.0, 512.0 / max(image.shape[:2]))  # small images are drawn larger, so labels stay legible
+        vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
         drawn = vis.overlay_instances(boxes=inst.pred_boxes.tensor.numpy(), labels=labels)
         drawn.save(os.path.join(args.output, stem + ".jpg"))
