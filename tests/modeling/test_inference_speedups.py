@@ -11,8 +11,10 @@ BOXES = [[4, 4, 60, 50], [30, 20, 120, 90], [0, 0, 128, 96], [50, 10, 70, 40], [
 
 
 def _detections(model, x):
+    """Detections in a canonical order (class, then box), so that equal scores cannot reorder them."""
     inst = model(x)[0]["instances"]
-    order = torch.argsort(inst.scores, descending=True)
+    keys = [(int(c), *[round(v, 2) for v in b]) for c, b in zip(inst.pred_classes.tolist(), inst.pred_boxes.tensor.tolist())]
+    order = torch.tensor(sorted(range(len(keys)), key=lambda i: keys[i]), dtype=torch.long)
     return inst.pred_boxes.tensor[order], inst.scores[order], inst.pred_classes[order]
 
 

@@ -60,7 +60,10 @@ def attention_pool(attnpool, x: torch.Tensor) -> torch.Tensor:
     q = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias).view(n, heads, d)
     wk = attnpool.k_proj.weight.view(heads, d, c).to(tokens.dtype)
     u = torch.einsum("nhd,hdc->nhc", q, wk) * (d ** -0.5)  # keys moved to the query side
-    attn = torch.softmax(torch.bmm(u, tokens.transpose(1, 2)), dim=-1)  # [N, heads, L]
+    # q . bk is the same for every token and cancels in the softmax; it is kept so that the
+    # key bias stays in the graph (its gradient is exactly zero, as in the original form)
+    qbk = (q * attnpool.k_proj.bias.view(heads, d).to(q.dtype)).sum(-1, keepdim=True) * (d ** -0.5)
+    attn = torch.softmax(torch.bmm(u, tokens.transpose(1, 2)) + qbk, dim=-1)  # [N, heads, L]
     mixed = torch.bmm(attn, tokens)  # [N, heads, C]: attention-weighted tokens per head
     wv = attnpool.v_proj.weight.view(heads, d, c).to(tokens.dtype)
     out = torch.einsum("nhc,hdc->nhd", mixed, wv) + attnpool.v_proj.bias.view(heads, d).to(tokens.dtype)
