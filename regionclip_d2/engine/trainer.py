@@ -4,6 +4,7 @@ import contextlib
 import json
 import logging
 import os
+import weakref
 
 import torch
 
@@ -71,7 +72,7 @@ class RegionCLIPTrainer(DefaultTrainer):
         # our checkpointer: every weight format, weights-only loading unless trusted
         self.checkpointer = RegionCLIPCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trusted=cfg.MODEL.CLIP.TRUST_CHECKPOINTS,
-            trainer=__import__("weakref").proxy(self))
+            trainer=weakref.proxy(self))
         for h in self._hooks:
             if hasattr(h, "checkpointer"):
                 h.checkpointer = self.checkpointer

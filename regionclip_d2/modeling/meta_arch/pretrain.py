@@ -14,7 +14,8 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import Boxes, ImageList
+from detectron2.structures import Boxes
+from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
 from ..backbone.clip_resnet import clip_resnet_from_cfg
@@ -210,14 +211,10 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             full = [Boxes(torch.tensor([[0.0, 0.0, w_, h_]], device=self.device)) for h_, w_ in images.image_sizes]
             img_emb = self.roi_heads(s_features, full, self.backbone.encode_pooled_regions)
             losses["loss_image_text"] = w[2] * image_text_contrastive_loss(img_emb, text, self.tau, self.gather)
-        from detectron2.utils.events import get_event_storage
-
-        try:
+        if _CURRENT_STORAGE_STACK:  # inside a trainer: log how many regions and concepts were used
             storage = get_event_storage()
             storage.put_scalar("pretrain/kept_regions", float(keep.float().mean()))
             storage.put_scalar("pretrain/matched_concepts", float(torch.unique(labels[keep]).numel()))
-        except AssertionError:
-            pass
         return losses
 
 
