@@ -72,12 +72,15 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        random_weights = not cfg.MODEL.WEIGHTS and not cfg.MODEL.CLIP.CLIP_WEIGHTS
+        if random_weights:
+            logger.warning("evaluating a model with RANDOM weights: set MODEL.WEIGHTS or MODEL.CLIP.CLIP_WEIGHTS")
+            if cfg.SEED < 0:  # as in tools/demo.py: a random-weight run gives the same numbers every time
+                torch.manual_seed(0)
         model = RegionCLIPTrainer.build_model(cfg)
         if cfg.MODEL.WEIGHTS:
             RegionCLIPCheckpointer(model, cfg.OUTPUT_DIR, trusted=cfg.MODEL.CLIP.TRUST_CHECKPOINTS).resume_or_load(
                 cfg.MODEL.WEIGHTS, resume=args.resume)
-        elif not cfg.MODEL.CLIP.CLIP_WEIGHTS:
-            logger.warning("evaluating a model with RANDOM weights: set MODEL.WEIGHTS or MODEL.CLIP.CLIP_WEIGHTS")
         return RegionCLIPTrainer.test(cfg, model)
     trainer = RegionCLIPTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -42,7 +42,7 @@ def test_pretrain_with_train_net(tiny_clip, tiny_clip_config, tmp_path):
                    "INPUT.MIN_SIZE_TRAIN", "(72,)", "INPUT.MAX_SIZE_TRAIN", "96",
                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0005", "SOLVER.MAX_ITER", str(max_iter),
                    "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
-                   "DATALOADER.NUM_WORKERS", "0"])
+                   "DATALOADER.NUM_WORKERS", "0", "SEED", "0"])
 
     r = subprocess.run(cmd(3), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

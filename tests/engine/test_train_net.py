@@ -22,7 +22,9 @@ def test_eval_only_zero_shot(tiny_clip_config, tmp_path, region_type):
            "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.VOCABULARY", "",
            "MODEL.CLIP.PROMPT_TEMPLATES", "single", "INPUT.MIN_SIZE_TEST", "96",
-           "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "50", "DATALOADER.NUM_WORKERS", "0"]
+           "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "50", "DATALOADER.NUM_WORKERS", "0",
+           # a random model may put every class below the default threshold; per-class AP needs detections
+           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "inference" / "toy_val" / "results.json").read_text())
