@@ -8,7 +8,7 @@ architectures install it as a load hook (``install_load_hook``), so every loader
 import logging
 import os
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -92,6 +92,18 @@ def _atomic_write(path: str, write, mode: str):
     os.replace(tmp, path)
 
 
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def _model_keys(model):
     return set(model.state_dict().keys())
 
@@ -164,6 +176,25 @@ class RegionCLIPCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", path)
         _atomic_write(path, lambda f: torch.save(data, f), "wb")
         self.tag_last_checkpoint(basename)
+
+    def remove_stale_temporaries(self) -> List[str]:
+        """Delete the temporary files of interrupted saves (``*.tmp.<pid>`` whose process is
+        gone) from ``save_dir``; returns their paths."""
+        removed = []
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return removed
+        for name in os.listdir(self.save_dir):
+            stem, sep, pid = name.rpartition(".tmp.")
+            if not sep or not pid.isdigit() or _process_alive(int(pid)):
+                continue
+            path = os.path.join(self.save_dir, name)
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+            removed.append(path)
+            self.logger.info("removed %s, the partial file of an interrupted checkpoint save", path)
+        return removed
 
     def tag_last_checkpoint(self, last_filename_basename: str):
         _atomic_write(os.path.join(self.save_dir, "last_checkpoint"),

@@ -6,7 +6,7 @@ pretraining, as detectron2 data sets.
   (all captions of an image grouped, in file order).
 * :class:`CaptionDatasetMapper` decodes and resizes an image and picks a caption.
 * :func:`build_caption_train_loader` builds the training loader of ``cfg.DATASETS.TRAIN``;
-  it skips images that fail to decode (trying the next index) instead of crashing.
+  it skips images that fail to decode (see :mod:`regionclip_d2.data.loader`).
 """
 import collections
 import logging
@@ -125,8 +125,7 @@ class CaptionDatasetMapper:
 
     def _bad(self, file_name, err) -> None:
         if not self.skip_bad_images:
-            raise BadImageError(f"cannot read image {file_name!r}: {err}. Fix or remove the file, or build the "
-                                "mapper with skip_bad_images=True to skip such images") from err
+            raise BadImageError(f"cannot read image {file_name!r}: {err}") from err
         self.num_bad_images += 1
         n = self.num_bad_images
         if n <= 10 or n % 100 == 0:
@@ -158,34 +157,6 @@ class CaptionDatasetMapper:
         return d
 
 
-class SkipBadSamples(torch.utils.data.Dataset):
-    """A map-style dataset applying ``mapper`` to ``dataset[i]``; where the mapper returns
-    ``None`` (a bad image) it tries ``i + 1``, ``i + 2``, ... and raises
-    :class:`BadImageError` after ``max_tries`` failures in a row (so a broken image folder
-    stops training with a clear message instead of hanging).
-
-    Replaces detectron2 0.6's ``MapDataset`` retry, which crashes on Python 3.11
-    (``random.sample`` of a set)."""
-
-    def __init__(self, dataset, mapper, max_tries: int = 100):
-        self.dataset, self.mapper = dataset, mapper
-        self.max_tries = max(1, min(max_tries, len(dataset)))
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        n = len(self.dataset)
-        for k in range(self.max_tries):
-            item = self.dataset[(idx + k) % n]
-            out = self.mapper(item)
-            if out is not None:
-                return out
-        raise BadImageError(
-            f"{self.max_tries} images in a row (from index {idx}, e.g. {item.get('file_name')!r}) could not be "
-            "read: check the image folder of the caption data set (image_root) and the file names")
-
-
 def _train_dicts(names) -> List[dict]:
     if isinstance(names, str):
         names = [names]
@@ -205,23 +176,18 @@ def _train_dicts(names) -> List[dict]:
 
 
 def build_caption_train_loader(cfg, mapper=None):
-    """The training loader of the caption data sets in ``cfg.DATASETS.TRAIN``: an infinite
-    stream of batches (lists of ``cfg.SOLVER.IMS_PER_BATCH`` mapped dicts, see
-    :class:`CaptionDatasetMapper`) from detectron2's ``build_detection_train_loader``
-    (``TrainingSampler``, ``DATALOADER.NUM_WORKERS`` workers,
-    ``DATALOADER.ASPECT_RATIO_GROUPING``). Bad images are skipped (see
-    :class:`SkipBadSamples`)."""
-    from detectron2.data import DatasetFromList, build_detection_train_loader
-    from detectron2.data.samplers import TrainingSampler
+    """The training loader of the caption data sets in ``cfg.DATASETS.TRAIN``: an infinite,
+    resumable stream of batches (lists of ``cfg.SOLVER.IMS_PER_BATCH`` / processes mapped
+    dicts, see :class:`CaptionDatasetMapper`); unreadable images are skipped up to
+    ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` (see :mod:`regionclip_d2.data.loader`)."""
+    from .loader import build_resumable_train_loader
 
     if mapper is None:
-        mapper = CaptionDatasetMapper(cfg, is_train=True)
-    dicts = _train_dicts(cfg.DATASETS.TRAIN)
+        mapper = CaptionDatasetMapper(cfg, is_train=True, skip_bad_images=False)
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         logger.warning("DATALOADER.SAMPLER_TRAIN=%s is not supported for caption data (no class labels): "
                        "using TrainingSampler", cfg.DATALOADER.SAMPLER_TRAIN)
-    dataset = SkipBadSamples(DatasetFromList(dicts, copy=False), mapper)
-    return build_detection_train_loader(
-        dataset=dataset, mapper=None, sampler=TrainingSampler(len(dataset)),
-        total_batch_size=cfg.SOLVER.IMS_PER_BATCH, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        num_workers=cfg.DATALOADER.NUM_WORKERS)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    return build_resumable_train_loader(cfg, _train_dicts(cfg.DATASETS.TRAIN), mapper)

@@ -232,6 +232,9 @@ def detect_format(path: str) -> str:
         "or give the format explicitly (fmt= / --format)")
 
 
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+
+
 class _JsonStream:
     """Incremental reader of one JSON document: walks the top-level object and its arrays
     one element at a time (memory: one element plus a read buffer)."""
@@ -277,12 +280,17 @@ class _JsonStream:
         while True:
             try:
                 obj, end = self.json.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof:  # a number may continue in the next chunk
+                # a number may continue in the next chunk: "12" | "3", and also "0" | ".5" or
+                # "1e" | "5", which the decoder reads as 0 or 1 followed by junk
+                number = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+                if self.eof or (end < len(self.buf) and not (number and self.buf[end] in _NUMBER_CHARS)):
                     self.pos = end
                     return obj
             except json.JSONDecodeError as e:
                 if self.eof:
                     self.error(f"{e.msg} (character {e.pos} of the remaining text)")
+            except RecursionError:
+                self.error("a value is nested too deeply")
             self._fill(max(self.chunk, len(self.buf) - self.pos))  # grow geometrically for big values
 
     def elements(self):
@@ -333,7 +341,7 @@ def _json_array(path: str, key: str):
 
 
 def _has_key(path: str, key: str) -> bool:
-    """Whether the top-level object of a JSON file has ``key`` (streaming scan)."""
+    """Whether the top-level object of a JSON file has ``key`` holding a list (streaming scan)."""
     with _open_binary(path) as f:
         s = _JsonStream(f, path)
         s.expect("{")
@@ -341,9 +349,9 @@ def _has_key(path: str, key: str) -> bool:
             return False
         while True:
             k = s.value()
-            if k == key:
-                return True
             s.expect(":")
+            if k == key and s.peek() == "[":
+                return True
             if s.peek() == "[":
                 for _ in s.elements():
                     pass
@@ -358,8 +366,9 @@ def _has_key(path: str, key: str) -> bool:
 def _records_coco(path, stats, max_chars, english_only):
     images = {}
     for img in _json_array(path, "images"):
-        if isinstance(img, dict) and "id" in img and "file_name" in img:
+        if isinstance(img, dict) and "id" in img and _hashable(img["id"]) and "file_name" in img:
             images[img["id"]] = {k: img[k] for k in ("file_name", "height", "width") if k in img}
+            images[img["id"]]["file_name"] = _file_name(img["file_name"])
     found = False
     for ann in _json_array(path, "annotations"):
         found = True
@@ -370,7 +379,7 @@ def _records_coco(path, stats, max_chars, english_only):
         text = _clean(ann["caption"], stats, max_chars, english_only)
         if text is None:
             continue
-        img = images.get(ann.get("image_id"))
+        img = images.get(ann.get("image_id")) if _hashable(ann.get("image_id")) else None
         if img is None:
             stats["unknown_image_id"] += 1
             img = {"file_name": None}
@@ -382,6 +391,16 @@ def _records_coco(path, stats, max_chars, english_only):
 
 
 _FILE_KEYS = ("file_name", "image", "image_path", "filepath", "file", "path")
+
+
+def _hashable(v) -> bool:
+    """A JSON value usable as an image id (not a list or an object)."""
+    return not isinstance(v, (list, dict))
+
+
+def _file_name(v) -> Optional[str]:
+    """A file name as written, ``None`` when it is not a (non-empty) string."""
+    return v if isinstance(v, str) and v else None
 _CAPTION_KEYS = ("caption", "captions", "text", "title")
 
 
@@ -395,6 +414,8 @@ def _records_jsonl(path, stats, max_chars, english_only):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 obj, err = None, e.msg
+            except RecursionError:
+                obj, err = None, "nested too deeply"
             else:
                 err = "not a JSON object with a caption"
             key = next((k for k in _CAPTION_KEYS if isinstance(obj, dict) and k in obj), None)
@@ -404,7 +425,7 @@ def _records_jsonl(path, stats, max_chars, english_only):
                 if stats["bad_records"] <= 5:
                     logger.warning("%s line %d skipped: %s", path, lineno, err)
                 continue
-            file_name = next((obj[k] for k in _FILE_KEYS if k in obj), None)
+            file_name = _file_name(next((obj[k] for k in _FILE_KEYS if k in obj), None))
             caps = obj[key] if isinstance(obj[key], list) else [obj[key]]
             for cap in caps:
                 text = _clean(cap, stats, max_chars, english_only)
@@ -480,7 +501,8 @@ def read_captions(path: str, fmt: str = "auto", stats: Dict[str, int] = None,
                   max_chars: int = DEFAULT_MAX_CHARS, english_only: bool = True) -> Iterator[Tuple[Optional[str], str]]:
     """Stream ``(file_name, caption)`` pairs from a caption file (see
     :func:`iter_caption_records` for the arguments). ``file_name`` is as written in the
-    file (relative to the image folder), ``None`` where unknown; captions are whitespace-
+    file (relative to the image folder), ``None`` where unknown (missing, empty or not a
+    string); captions are whitespace-
     normalised, bad ones skipped and counted in ``stats``."""
     for rec in iter_caption_records(path, fmt, stats, max_chars, english_only):
         yield rec["file_name"], rec["caption"]
@@ -531,10 +553,12 @@ def singularize(noun: str) -> str:
     if noun in KEEP_AS_IS:
         return noun
     nlp = _tools()
-    irregular = nlp.exceptions.get(noun)
+    # WordNet also lists multi-word forms ("comics" -> comic_strip, comic): keep single words
+    irregular = [w for w in nlp.exceptions.get(noun, ()) if _WORD.match(w)]
     if irregular:
         return irregular[0]
-    return nlp.lemmatizer.lemmatize(noun, "n")
+    lemma = nlp.lemmatizer.lemmatize(noun, "n")
+    return lemma if _WORD.match(lemma) else noun
 
 
 def parse_caption(text: str, max_phrase_words: int = DEFAULT_MAX_PHRASE_WORDS) -> List[str]:
@@ -557,7 +581,7 @@ def parse_caption(text: str, max_phrase_words: int = DEFAULT_MAX_PHRASE_WORDS) -
             head = singularize(run[-1][0])
             if len(head) >= 2:
                 concepts.setdefault(head, None)
-                words = [w for w, _ in run[-max_phrase_words:-1]]
+                words = [w for w, _ in run[-max_phrase_words:-1]] if max_phrase_words > 1 else []
                 if words:
                     concepts.setdefault(" ".join(words + [head]), None)
         run = []

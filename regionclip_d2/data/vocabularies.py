@@ -58,10 +58,19 @@ BUILTIN_VOCABULARIES = {
 
 
 def check_vocabulary(names, source: str = "vocabulary") -> List[str]:
-    """Validate class names: a non-empty list of non-empty, distinct strings."""
+    """Validate class names: a non-empty list of non-empty, distinct strings (returned
+    with surrounding whitespace stripped)."""
     if isinstance(names, str):
         raise VocabularyError(f"{source}: expected a list of class names, got one string")
-    names = [str(n).strip() for n in names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise VocabularyError(f"{source}: expected a list of class names, got {type(names).__name__}") from None
+    not_str = [i for i, n in enumerate(names) if not isinstance(n, str)]
+    if not_str:
+        raise VocabularyError(f"{source}: class name(s) at position {not_str[:10]} are not strings "
+                              f"(e.g. {str(names[not_str[0]])[:50]!r})")
+    names = [n.strip() for n in names]
     if not names:
         raise VocabularyError(f"{source} is empty: give at least one class name")
     empty = [i for i, n in enumerate(names) if not n]
@@ -84,15 +93,24 @@ def read_vocabulary_file(path: str) -> List[str]:
     json's ``categories``)."""
     if not os.path.isfile(path):
         raise VocabularyError(f"vocabulary file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not part of the first name
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"vocabulary file {path!r} is not UTF-8 text: {e}") from e
     if path.endswith(".json"):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise VocabularyError(f"vocabulary file {path!r} is not valid JSON: {e}") from e
         if isinstance(data, dict) and "categories" in data:
-            data = sorted(data["categories"], key=lambda c: c.get("id", 0))
+            data = data["categories"]
+            if not isinstance(data, list) or not all(isinstance(c, dict) for c in data):
+                raise VocabularyError(f"{path!r}: 'categories' must be a list of {{'id': ..., 'name': ...}}")
+            ids = [c.get("id", 0) for c in data]
+            if not all(isinstance(i, (int, float)) and not isinstance(i, bool) and i == i for i in ids):
+                raise VocabularyError(f"{path!r}: category ids must be numbers (the classes are sorted by id)")
+            data = [c for _, c in sorted(zip(ids, data), key=lambda x: x[0])]
         if not isinstance(data, list):
             raise VocabularyError(f"{path!r}: expected a JSON list of names or of {{'name': ...}}")
         names = []
@@ -103,7 +121,9 @@ def read_vocabulary_file(path: str) -> List[str]:
                 item = item["name"]
             names.append(item)
     else:
-        names = [ln.strip() for ln in text.splitlines()]
+        # one name per line (open() has turned \r\n and \r into \n); not str.splitlines(),
+        # which would also split names at form feeds, U+2028 and other separators
+        names = [ln.strip() for ln in text.split("\n")]
         names = [n for n in names if n and not n.startswith("#")]
     return check_vocabulary(names, f"vocabulary file {path!r}")
 

@@ -10,13 +10,15 @@ import torch
 
 import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 
 from ..checkpoint import RegionCLIPCheckpointer
+from ..data.loader import ResumableTrainLoader, build_resumable_train_loader
 from ..data.mappers import build_test_mapper, build_train_mapper
 from ..evaluation import build_evaluator
+from .train_loop import GuardedTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,25 @@ def match_vocabulary(model, dataset_name):
 
 
 class RegionCLIPTrainer(DefaultTrainer):
-    """DefaultTrainer with regionclip_d2's checkpointer, mappers and evaluators."""
+    """DefaultTrainer with regionclip_d2's checkpointer, mappers, evaluators and loaders,
+    and its training step (:class:`GuardedTrainer`): a run killed at any point and resumed
+    with ``resume_or_load(resume=True)`` continues from its last complete checkpoint with the
+    same data, the same random draws and the same optimizer and scheduler state as an
+    uninterrupted run (exactly, without ``DATALOADER.ASPECT_RATIO_GROUPING``); bad samples are
+    skipped up to ``DATALOADER.MAX_BAD_SAMPLE_FRACTION``; non-finite losses stop the run or
+    are skipped (``SOLVER.NONFINITE_LOSS``)."""
 
     def __init__(self, cfg):
         with _cpu_ddp():
             super().__init__(cfg)
+        # one seed for the data stream and the per-step draws; saved in checkpoints, so that
+        # an unseeded run (SEED < 0) also resumes exactly
+        self.seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        t = self._trainer
+        self._trainer = GuardedTrainer(t.model, t.data_loader, t.optimizer, seed=self.seed,
+                                       nonfinite=cfg.SOLVER.NONFINITE_LOSS, max_skips=cfg.SOLVER.MAX_NONFINITE_SKIPS,
+                                       amp=cfg.SOLVER.AMP.ENABLED)
+        self._set_loader_state()
         # our checkpointer: every weight format, weights-only loading unless trusted
         self.checkpointer = RegionCLIPCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trusted=cfg.MODEL.CLIP.TRUST_CHECKPOINTS,
@@ -77,17 +93,52 @@ class RegionCLIPTrainer(DefaultTrainer):
             if hasattr(h, "checkpointer"):
                 h.checkpointer = self.checkpointer
 
+    def _set_loader_state(self):
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.seed, loader.start_iter = self.seed, self.start_iter
+        self._trainer.seed = self.seed
+
+    def resume_or_load(self, resume=True):
+        if resume:
+            self.checkpointer.remove_stale_temporaries()
+        super().resume_or_load(resume=resume)
+        self._set_loader_state()  # the data stream continues at start_iter
+
+    def state_dict(self):
+        # detectron2 0.6's DefaultTrainer leaves out the step's state: without it the
+        # optimizer (momentum, Adam moments) would restart from zero on --resume
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        ret["seed"] = self.seed
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("the checkpoint has no optimizer state (written by an older version): the optimizer "
+                           "restarts from its initial state")
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """A :class:`ResumableTrainLoader`: image-caption pairs for PretrainFastRCNN,
+        detection data otherwise."""
         if cfg.MODEL.META_ARCHITECTURE == "PretrainFastRCNN":  # image-caption pairs
             from ..data.captions import build_caption_train_loader
 
             return build_caption_train_loader(cfg)
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        return build_resumable_train_loader(cfg, dicts, build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -9,8 +9,9 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from regionclip_d2 import get_regionclip_cfg
-from regionclip_d2.data.captions import (BadImageError, CaptionDatasetMapper, SkipBadSamples,
-                                         build_caption_train_loader, load_caption_dicts, register_caption_dataset)
+from regionclip_d2.data.captions import (BadImageError, CaptionDatasetMapper, build_caption_train_loader,
+                                         load_caption_dicts, register_caption_dataset)
+from regionclip_d2.data.loader import BadSampleError, SafeMappedDataset
 
 SIZES = {"a.png": (40, 60), "b.png": (30, 50), "c.png": (36, 48)}  # (h, w): all landscape (one aspect group)
 CAPTIONS = [("a.png", "A red star."), ("b.png", "A blue ring."), ("a.png", "Two red stars."),
@@ -118,8 +119,8 @@ def test_mapper_bad_images(tmp_path, image_root):
     with pytest.raises(BadImageError, match="bad.jpg"):
         strict(bad)
     # every image bad: a clear error after max_tries, never a hang
-    with pytest.raises(BadImageError, match="could not be read"):
-        SkipBadSamples([bad] * 5, mapper)[0]
+    with pytest.raises(BadSampleError, match="in a row.*bad.jpg"):
+        SafeMappedDataset([bad] * 5, strict, max_bad_fraction=1.0)[0]
 
 
 def test_train_loader_batches_and_skips_bad_images(tmp_path, image_root):
@@ -130,7 +131,9 @@ def test_train_loader_batches_and_skips_bad_images(tmp_path, image_root):
     caps.write_text("".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c in records))
     register_caption_dataset("test_caption_loader", str(caps), str(image_root))
     try:
-        loader = build_caption_train_loader(_cfg("test_caption_loader"))
+        cfg = _cfg("test_caption_loader")
+        cfg.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.5  # 1 of 4 images is broken
+        loader = build_caption_train_loader(cfg)
         it = iter(loader)
         files = []
         for _ in range(6):

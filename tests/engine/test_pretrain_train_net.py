@@ -2,6 +2,7 @@
 gradient clipping, periodic checkpoints, --resume."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,10 +43,12 @@ def test_pretrain_with_train_net(tiny_clip, tiny_clip_config, tmp_path):
                    "INPUT.MIN_SIZE_TRAIN", "(72,)", "INPUT.MAX_SIZE_TRAIN", "96",
                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0005", "SOLVER.MAX_ITER", str(max_iter),
                    "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
-                   "DATALOADER.NUM_WORKERS", "0", "SEED", "0"])
+                   "DATALOADER.NUM_WORKERS", "0", "SEED", "0",
+                   "DATALOADER.MAX_BAD_SAMPLE_FRACTION", "0.5"])  # 1 of 5 images is broken
 
     r = subprocess.run(cmd(3), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert re.search(r"skipping bad training sample \S*broken.png", r.stdout + r.stderr)
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert all(k in rows[-1] for k in ("loss_region_contrastive", "loss_region_distillation", "loss_image_text"))
     ck = torch.load(out / "model_final.pth", weights_only=True)

@@ -1,0 +1,293 @@
+"""Training loaders that skip bad samples and resume exactly where a run stopped.
+
+A training stream is a function of ``(seed, position)``:
+
+* the order of samples is an infinite sequence of seeded permutations of the data set (one
+  per epoch; with repeat factors, the LVIS sampling of detectron2's
+  ``RepeatFactorTrainingSampler``), identical on every process;
+* global batch ``k`` of a run with ``W`` processes and ``B`` images per process holds the
+  stream positions ``k*W*B .. (k+1)*W*B - 1``, process ``r`` taking its ``B`` of them;
+* every sample is mapped (decoded, augmented) with the Python, NumPy and torch random
+  generators seeded from ``(seed, position)``.
+
+So a run resumed at iteration ``i`` (``loader.start_iter = i``) sees exactly the batches an
+uninterrupted run would have seen from ``i`` on, whatever the number of loader workers.
+With ``DATALOADER.ASPECT_RATIO_GROUPING`` (batches of one orientation, formed from the
+stream through two buffers) the buffers' content at iteration ``i`` is replayed from the
+image sizes in the data set's dicts, without decoding; this is exact unless a bad sample
+was replaced by one of the other orientation before ``i`` (or the dicts lack sizes, where
+the stream restarts at sample ``i*B`` with a warning).
+
+Bad samples (an image that is missing, truncated or undecodable, an annotation the mapper
+rejects) are skipped: :class:`SafeMappedDataset` logs each with its file name, counts it,
+uses the next sample of the data set instead, and raises :class:`BadSampleError` once more
+than ``max_bad_fraction`` of the data set has proven bad in one loader process
+(``DATALOADER.MAX_BAD_SAMPLE_FRACTION``).
+"""
+import bisect
+import itertools
+import logging
+import random
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+logger = logging.getLogger(__name__)
+
+
+class BadSampleError(RuntimeError):
+    """Too many samples of a training data set could not be loaded."""
+
+
+def seed_all(*key: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators from a tuple of integers."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(3)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[2]))
+
+
+class SafeMappedDataset(torch.utils.data.Dataset):
+    """``mapper(dicts[i])`` where it works; where it raises (or returns ``None``) the sample
+    is logged with its file name and counted, and ``dicts[i + 1]``, ``dicts[i + 2]``, ...
+    are tried instead.
+
+    Raises :class:`BadSampleError` when more than ``max_bad_fraction`` of the data set has
+    failed in this process, or ``max_tries`` samples in a row fail (a broken image folder
+    stops the run at once, with the first error in the message).
+    """
+
+    def __init__(self, dicts: Sequence[dict], mapper: Callable, max_bad_fraction: float = 0.01,
+                 max_tries: int = 100):
+        if not len(dicts):
+            raise ValueError("the training data set is empty: check DATASETS.TRAIN and its annotation file")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"DATALOADER.MAX_BAD_SAMPLE_FRACTION must be in [0, 1], got {max_bad_fraction}")
+        self.dicts, self.mapper = dicts, mapper
+        self.max_bad_fraction = max_bad_fraction
+        self.max_tries = max(1, min(max_tries, len(dicts)))
+        self.bad: Dict[int, str] = {}  # index -> reason, in this process
+
+    def __len__(self):
+        return len(self.dicts)
+
+    def _name(self, d) -> str:
+        return str(d.get("file_name", f"image_id {d.get('image_id')}")) if isinstance(d, dict) else repr(d)[:100]
+
+    def _record(self, idx: int, d, reason: str) -> None:
+        first = idx not in self.bad
+        self.bad[idx] = reason
+        n, total = len(self.bad), len(self.dicts)
+        if first and (n <= 10 or n % 100 == 0):
+            logger.warning("skipping bad training sample %s (%s): %d of %d skipped so far in this process",
+                           self._name(d), reason, n, total)
+        if n > self.max_bad_fraction * total:
+            raise BadSampleError(
+                f"{n} of {total} training samples ({100.0 * n / total:.2f}%) could not be loaded, more than "
+                f"DATALOADER.MAX_BAD_SAMPLE_FRACTION={self.max_bad_fraction}; latest: {self._name(d)} ({reason}). "
+                "Fix or remove the bad files, or raise DATALOADER.MAX_BAD_SAMPLE_FRACTION")
+
+    def __getitem__(self, idx: int):
+        n = len(self.dicts)
+        first_error = None
+        for k in range(self.max_tries):
+            j = (idx + k) % n
+            d = self.dicts[j]
+            try:
+                out = self.mapper(d)
+                reason = "the mapper returned None"
+            except Exception as e:  # noqa: BLE001  any failure of one sample: decode, resize, annotations
+                out, reason = None, f"{type(e).__name__}: {e}"
+            if out is not None:
+                return out
+            first_error = first_error or f"{self._name(d)}: {reason}"
+            self._record(j, d, reason)
+        raise BadSampleError(f"{self.max_tries} training samples in a row (from index {idx}) could not be loaded; "
+                             f"first: {first_error}. Check the image folder and the annotation file")
+
+
+class _IndexStream:
+    """Random access to the infinite sample-index stream (increasing positions are cheap)."""
+
+    def __init__(self, num_samples: int, seed: int, repeat_factors: Optional[torch.Tensor] = None):
+        self.n, self.seed, self.repeat_factors = num_samples, seed, repeat_factors
+        self._epoch_starts = [0]
+        self._epoch, self._perm = -1, None
+
+    def _epoch_indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) & 0x7FFFFFFFFFFFFFFF)
+        if self.repeat_factors is None:
+            return torch.randperm(self.n, generator=g)
+        # stochastic rounding of the repeat factors, as RepeatFactorTrainingSampler does
+        rf = self.repeat_factors
+        whole = torch.trunc(rf)
+        reps = whole + (torch.rand(len(rf), generator=g) < rf - whole).float()
+        idx = torch.repeat_interleave(torch.arange(len(rf)), reps.long())
+        return idx[torch.randperm(len(idx), generator=g)]
+
+    def _epoch_length(self, epoch: int) -> int:
+        return self.n if self.repeat_factors is None else len(self._epoch_indices(epoch))
+
+    def __getitem__(self, pos: int) -> int:
+        if self.repeat_factors is None:
+            epoch, offset = divmod(pos, self.n)
+        else:
+            while self._epoch_starts[-1] <= pos:
+                e = len(self._epoch_starts) - 1
+                self._epoch_starts.append(self._epoch_starts[-1] + max(1, self._epoch_length(e)))
+            epoch = bisect.bisect_right(self._epoch_starts, pos) - 1
+            offset = pos - self._epoch_starts[epoch]
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, self._epoch_indices(epoch)
+        return int(self._perm[offset % len(self._perm)]) if len(self._perm) else 0
+
+
+def _bucket(d) -> int:
+    return 0 if d["width"] > d["height"] else 1  # detectron2's two orientation groups
+
+
+class PositionStream(torch.utils.data.IterableDataset):
+    """The samples of this process from ``start_batch`` on (see the module docstring).
+
+    Ungrouped: worker ``w`` of ``N`` yields the whole batches ``start_batch + w``,
+    ``start_batch + w + N``, ... Grouped (batches formed later by orientation): the
+    process's items are the positions ``prefix`` (samples still waiting in the orientation
+    buckets when the run stopped) followed by its share of the stream from item ``cursor``
+    on; worker ``w`` yields items ``w``, ``w + N``, ...; DataLoader returns them in order."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, seed: int, batch_size: int, start_batch: int = 0,
+                 grouped: bool = False, repeat_factors: Optional[torch.Tensor] = None,
+                 prefix: Sequence[int] = (), cursor: Optional[int] = None):
+        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
+        self.start_batch, self.grouped, self.repeat_factors = start_batch, grouped, repeat_factors
+        self.prefix = list(prefix)
+        self.cursor = start_batch * batch_size if cursor is None else cursor
+        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+
+    def positions(self, worker: int = 0, num_workers: int = 1) -> Iterator[int]:
+        B, W, r = self.batch_size, self.world, self.rank
+        if self.grouped:  # process r takes every W-th sample of the stream
+            for t in itertools.count(worker, num_workers):
+                yield self.prefix[t] if t < len(self.prefix) else (self.cursor + t - len(self.prefix)) * W + r
+        else:
+            for k in itertools.count(self.start_batch + worker, num_workers):
+                base = (k * W + r) * B
+                yield from range(base, base + B)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = _IndexStream(len(self.dataset), self.seed, self.repeat_factors)
+        for pos in self.positions(worker, num_workers):
+            seed_all(self.seed, pos)
+            yield self.dataset[stream[pos]]
+
+
+def replay_grouping(dicts: Sequence[dict], stream: "_IndexStream", batch_size: int, num_batches: int,
+                    rank: int = 0, world: int = 1):
+    """Replay the orientation grouping of a process's first ``num_batches`` batches from the
+    image sizes in ``dicts`` (no decoding). Returns ``(prefix, cursor)`` for
+    :class:`PositionStream`, or ``None`` where a dict lacks its ``width``/``height``."""
+    buckets, t = ([], []), 0
+    for _ in range(num_batches):
+        while True:
+            pos = t * world + rank
+            d = dicts[stream[pos]]
+            t += 1
+            if "width" not in d or "height" not in d:
+                return None
+            bucket = buckets[_bucket(d)]
+            bucket.append(pos)
+            if len(bucket) == batch_size:
+                bucket.clear()
+                break
+    return sorted(buckets[0] + buckets[1]), t
+
+
+def _group(items, batch_size: int):
+    buckets = ([], [])
+    for d in items:
+        bucket = buckets[_bucket(d)]
+        bucket.append(d)
+        if len(bucket) == batch_size:
+            yield bucket[:]
+            bucket.clear()
+
+
+def _trivial_collate(batch):
+    return batch
+
+
+class ResumableTrainLoader:
+    """An infinite iterable of per-process batches (lists of mapped dicts) built from
+    ``dataset`` when iteration starts, so ``start_iter`` and ``seed`` may be set after
+    construction (the trainer does so when it resumes). Iterating again restarts at
+    ``start_iter``."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, total_batch_size: int, seed: Optional[int] = None,
+                 aspect_ratio_grouping: bool = False, num_workers: int = 0,
+                 repeat_factors: Optional[torch.Tensor] = None):
+        world = comm.get_world_size()
+        if total_batch_size <= 0 or total_batch_size % world:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH={total_batch_size} must be a positive multiple of the number "
+                             f"of processes ({world})")
+        self.dataset, self.batch_size = dataset, total_batch_size // world
+        self.seed, self.start_iter = seed, 0
+        self.aspect_ratio_grouping, self.num_workers = aspect_ratio_grouping, num_workers
+        self.repeat_factors = repeat_factors
+
+    def _build(self):
+        seed = self.seed if self.seed is not None else comm.shared_random_seed()
+        self.seed = seed
+        kw = dict(seed=seed, batch_size=self.batch_size, start_batch=self.start_iter,
+                  grouped=self.aspect_ratio_grouping, repeat_factors=self.repeat_factors)
+        if not self.aspect_ratio_grouping:
+            return torch.utils.data.DataLoader(PositionStream(self.dataset, **kw), batch_size=self.batch_size,
+                                               drop_last=True, num_workers=self.num_workers,
+                                               collate_fn=_trivial_collate)
+        state = None
+        if self.start_iter:
+            dicts = getattr(self.dataset, "dicts", None)
+            stream = _IndexStream(len(self.dataset), seed, self.repeat_factors)
+            state = dicts is not None and replay_grouping(dicts, stream, self.batch_size, self.start_iter,
+                                                          comm.get_rank(), comm.get_world_size())
+            if not state:
+                logger.warning("resuming with DATALOADER.ASPECT_RATIO_GROUPING but the data set's dicts lack "
+                               "width/height: the data stream restarts at sample %d, not exactly where it stopped",
+                               self.start_iter * self.batch_size)
+        if state:
+            kw.update(prefix=state[0], cursor=state[1])
+        loader = torch.utils.data.DataLoader(PositionStream(self.dataset, **kw), batch_size=None,
+                                             num_workers=self.num_workers)
+        return _group(loader, self.batch_size)
+
+    def __iter__(self):
+        def batches():
+            yield from self._build()  # built at the first next(): start_iter and seed are final then
+        return batches()
+
+
+def build_resumable_train_loader(cfg, dicts: List[dict], mapper: Callable) -> ResumableTrainLoader:
+    """The training loader of regionclip_d2 for ``dicts`` (detection or caption data):
+    ``cfg.SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_WORKERS``, ``ASPECT_RATIO_GROUPING``,
+    ``SAMPLER_TRAIN`` (``TrainingSampler`` or ``RepeatFactorTrainingSampler`` with
+    ``REPEAT_THRESHOLD``), ``MAX_BAD_SAMPLE_FRACTION``; seeded from ``cfg.SEED`` unless the
+    trainer sets ``loader.seed``."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    repeat_factors = None
+    if name == "RepeatFactorTrainingSampler":
+        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dicts, cfg.DATALOADER.REPEAT_THRESHOLD)
+    elif name != "TrainingSampler":
+        raise ValueError(f"DATALOADER.SAMPLER_TRAIN={name!r} is not supported: use TrainingSampler or "
+                         "RepeatFactorTrainingSampler")
+    logger.info("training sampler: %s, %d samples", name, len(dicts))
+    dataset = SafeMappedDataset(dicts, mapper, cfg.DATALOADER.MAX_BAD_SAMPLE_FRACTION)
+    return ResumableTrainLoader(dataset, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                                seed=cfg.SEED if cfg.SEED >= 0 else None,
+                                aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+                                num_workers=cfg.DATALOADER.NUM_WORKERS, repeat_factors=repeat_factors)

@@ -1,0 +1,154 @@
+"""Training loaders: exact resume of the data stream (with and without orientation grouping,
+any number of workers), repeat-factor sampling, and bad samples skipped up to a ceiling."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from helpers import make_coco
+from regionclip_d2 import get_regionclip_cfg
+from regionclip_d2.data.datasets import register_coco_format
+from regionclip_d2.data.loader import (BadSampleError, ResumableTrainLoader, SafeMappedDataset, _IndexStream,
+                                       build_resumable_train_loader)
+from regionclip_d2.engine.trainer import RegionCLIPTrainer
+
+
+def _dicts(n=23, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = (30, 50) if rng.random() < 0.6 else (50, 30)
+        out.append({"file_name": f"{i}.png", "image_id": i, "height": h, "width": w})
+    return out
+
+
+def _mapper(d):
+    # random draws stand in for augmentation: they must depend on the stream position only
+    return dict(d, draw=float(np.random.rand()), tdraw=float(torch.rand(())))
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [[(x["image_id"], x["draw"], x["tdraw"]) for x in next(it)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resumed_stream_equals_uninterrupted(grouped):
+    dicts = _dicts()
+
+    def loader(workers, start=0):
+        ld = ResumableTrainLoader(SafeMappedDataset(dicts, _mapper), total_batch_size=3, seed=7,
+                                  aspect_ratio_grouping=grouped, num_workers=workers)
+        ld.start_iter = start
+        return ld
+
+    full = _take(loader(0), 20)
+    assert len({i for batch in full for i, _, _ in batch}) == len(dicts)  # crosses epochs, sees every sample
+    if grouped:
+        for batch in full:
+            assert len({dicts[i]["width"] > dicts[i]["height"] for i, _, _ in batch}) == 1
+    for start in (1, 7, 13):
+        assert _take(loader(0, start), 20 - start) == full[start:], start
+    # worker processes change nothing
+    assert _take(loader(2), 20) == full
+    assert _take(loader(2, 7), 13) == full[7:]
+    # another seed, another stream
+    other = ResumableTrainLoader(SafeMappedDataset(dicts, _mapper), total_batch_size=3, seed=8,
+                                 aspect_ratio_grouping=grouped)
+    assert _take(other, 20) != full
+
+
+def test_repeat_factor_stream():
+    rf = torch.tensor([1.0, 3.0, 1.5, 1.0])
+    stream = _IndexStream(4, seed=3, repeat_factors=rf)
+    counts = np.bincount([stream[p] for p in range(6500)], minlength=4)
+    freq = counts / counts.sum()
+    assert np.allclose(freq, (rf / rf.sum()).numpy(), atol=0.02), freq
+    again = _IndexStream(4, seed=3, repeat_factors=rf)
+    assert [again[p] for p in range(3000, 3100)] == [stream[p] for p in range(3000, 3100)]
+
+
+def _corrupt(images):
+    (images / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # header, no data
+    png = (images / "1.png").read_bytes()
+    (images / "1.png").write_bytes(png[: len(png) // 2])  # truncated half way
+
+
+def _cfg(name, fraction, grouping=False):
+    cfg = get_regionclip_cfg()
+    cfg.merge_from_list(["DATASETS.TRAIN", (name,), "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 2,
+                         "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96, "SEED", 0,
+                         "DATALOADER.MAX_BAD_SAMPLE_FRACTION", fraction,
+                         "DATALOADER.ASPECT_RATIO_GROUPING", grouping])
+    return cfg
+
+
+def test_bad_images_skipped_logged_and_capped(tmp_path, caplog):
+    ann, images = make_coco(tmp_path, n_images=10)
+    _corrupt(images)
+    register_coco_format("test_loader_bad", ann, images)
+    try:
+        with caplog.at_level(logging.WARNING, logger="regionclip_d2.data.loader"):
+            loader = RegionCLIPTrainer.build_train_loader(_cfg("test_loader_bad", 0.3))
+            (images / "2.png").unlink()  # vanishes after the data set was loaded
+            it = iter(loader)
+            seen = [x["file_name"].rsplit("/", 1)[1] for _ in range(15) for x in next(it)]
+        assert not {"0.png", "1.png", "2.png"} & set(seen)
+        assert {f"{i}.png" for i in range(3, 10)} <= set(seen)
+        assert sorted(loader.dataset.bad) == [0, 1, 2]
+        for name in ("0.png", "1.png", "2.png"):
+            assert any(name in r.getMessage() and "skipping bad training sample" in r.getMessage()
+                       for r in caplog.records), name
+        # a ceiling below the bad fraction (3 of 10) stops the run, saying what to change
+        (images / "2.png").write_bytes(b"")  # empty file
+        loader = RegionCLIPTrainer.build_train_loader(_cfg("test_loader_bad", 0.2))
+        with pytest.raises(BadSampleError, match=r"3 of 10 training samples.*MAX_BAD_SAMPLE_FRACTION=0.2"):
+            it = iter(loader)
+            for _ in range(15):
+                next(it)
+    finally:
+        DatasetCatalog.remove("test_loader_bad")
+        MetadataCatalog.remove("test_loader_bad")
+
+
+def test_malformed_annotations_skipped(tmp_path):
+    ann, images = make_coco(tmp_path, n_images=4)
+    register_coco_format("test_loader_ann", ann, images)
+    try:
+        dicts = [dict(d) for d in DatasetCatalog.get("test_loader_ann")]
+    finally:
+        DatasetCatalog.remove("test_loader_ann")
+        MetadataCatalog.remove("test_loader_ann")
+    dicts[1]["annotations"] = [dict(dicts[1]["annotations"][0], bbox=[1.0, 2.0])]  # a box of two numbers
+    dicts[2]["annotations"] = [dict(dicts[2]["annotations"][0], bbox_mode="not a mode")]
+    from regionclip_d2.data.mappers import build_train_mapper
+
+    cfg = _cfg("unused", 0.5)
+    loader = build_resumable_train_loader(cfg, dicts, build_train_mapper(cfg))
+    it = iter(loader)
+    seen = {x["image_id"] for _ in range(6) for x in next(it)}
+    assert seen == {dicts[0]["image_id"], dicts[3]["image_id"]}
+    assert sorted(loader.dataset.bad) == [1, 2]
+
+
+def test_all_bad_is_a_clear_error(tmp_path):
+    dicts = [{"file_name": str(tmp_path / f"none{i}.png"), "image_id": i, "height": 8, "width": 8}
+             for i in range(5)]
+    from detectron2.data import DatasetMapper
+    from detectron2.data import transforms as T
+
+    ds = SafeMappedDataset(dicts, DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(8, 8)],
+                                                image_format="RGB"), max_bad_fraction=1.0)
+    with pytest.raises(BadSampleError, match=r"5 training samples in a row.*none0.png"):
+        ds[0]
+    Image.new("RGB", (8, 8)).save(tmp_path / "none3.png")
+    ds = SafeMappedDataset(dicts, ds.mapper, max_bad_fraction=1.0)
+    assert ds[0]["image_id"] == 3 and sorted(ds.bad) == [0, 1, 2]
+    with pytest.raises(ValueError, match="MAX_BAD_SAMPLE_FRACTION"):
+        SafeMappedDataset(dicts, ds.mapper, max_bad_fraction=2.0)
+    with pytest.raises(ValueError, match="empty"):
+        SafeMappedDataset([], ds.mapper)
