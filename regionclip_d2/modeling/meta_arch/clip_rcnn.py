@@ -6,6 +6,7 @@ text embeddings -> fused scores -> Instances.
 """
 import contextlib
 import logging
+import threading
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -26,6 +27,12 @@ from ..text.templates import get_templates
 logger = logging.getLogger(__name__)
 
 REGION_TYPES = ("RPN", "GT", "PROPOSALS")
+
+# Serialises vocabulary changes (the lazy embedding of names on the first call, and
+# set_vocabulary) so that threads sharing a model embed a vocabulary once and always see
+# embeddings and names that belong together. One lock for all models: a lock attribute
+# would make the module impossible to deepcopy or pickle, and vocabulary changes are rare.
+_VOCABULARY_LOCK = threading.RLock()
 
 
 def build_offline_rpn_cfg(cfg):
@@ -168,9 +175,10 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         module._stale_vocab |= set(module._vocab_specs)
 
     def _refresh_vocabulary(self):
-        for split in sorted(self._stale_vocab):
-            self.set_vocabulary(self._vocab_specs[split], train=(split == "train"))
-        self._stale_vocab.clear()
+        with _VOCABULARY_LOCK:  # concurrent first calls: one thread embeds, the others wait for it
+            for split in sorted(self._stale_vocab):
+                self.set_vocabulary(self._vocab_specs[split], train=(split == "train"))
+            self._stale_vocab.clear()
 
     @classmethod
     def from_config(cls, cfg):
@@ -243,6 +251,11 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         ``vocabulary``: class names (a list, a builtin name such as ``coco`` / ``lvis``, a
         .txt/.json file, or ``"a,b,c"``), embedded with the model's language encoder
         (cached on disk), or a ``[C, D]`` tensor of text embeddings (then ``names`` is optional).
+
+        Thread safety: the embeddings and names are replaced together, under a lock. Calls
+        of the model running in other threads meanwhile each use either the old or the new
+        vocabulary, entirely, but which one is not defined (nor which one ``class_names``
+        names): change the vocabulary while no prediction is in flight.
         """
         if torch.is_tensor(vocabulary):
             emb = vocabulary
@@ -250,12 +263,14 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
                 raise ValueError(f"{len(names)} names given for {emb.shape[0]} embeddings")
         else:
             emb, names = self.embed_vocabulary(vocabulary)
-            self._vocab_specs["train" if train else "test"] = list(names)
         pred = self.roi_heads.box_predictor
-        if train:
-            pred.set_train_vocabulary(emb, names)
-        else:
-            pred.set_test_vocabulary(emb, names)
+        with _VOCABULARY_LOCK:
+            if not torch.is_tensor(vocabulary):
+                self._vocab_specs["train" if train else "test"] = list(names)
+            if train:
+                pred.set_train_vocabulary(emb, names)
+            else:
+                pred.set_test_vocabulary(emb, names)
         return names
 
     # ------------------------------------------------------------------ regions

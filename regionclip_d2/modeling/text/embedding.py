@@ -7,6 +7,7 @@ embeddings of ``template.format(name)``, normalised again: ``[C, D]``, unit rows
 import hashlib
 import logging
 import os
+import threading
 from typing import List, Sequence
 
 import torch
@@ -100,7 +101,7 @@ def embed_class_names(
     emb = torch.nn.functional.normalize(emb, dim=-1).cpu()
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # per process and thread: no shared temp file
         torch.save(emb, tmp)
         os.replace(tmp, path)
     return emb
