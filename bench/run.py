@@ -128,6 +128,7 @@ def child_zero_shot(args):
             times.append(dt)
             stages.append(dict(timer.t))
         n_dets = len(out[0]["instances"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB), end-to-end only
     n_regions = regions if mode == "GT" else len(model.get_regions(inputs)[0])
     # the limit: the same compute as plain module calls
     limit = []
@@ -144,7 +145,6 @@ def child_zero_shot(args):
             type(res).encode_pooled_regions(res, pooled)
             if i >= args.warmup:
                 limit.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
     return {"times": times, "stages": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]},
             "limit_times": limit, "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak}
 

@@ -18,6 +18,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads, StandardROIHeads
 from detectron2.structures import Instances
 
+from ..poolers import thread_roi_align
 from .ov_predictor import OpenVocabularyPredictor
 
 
@@ -50,9 +51,10 @@ class CLIPRes5ROIHeads(ROIHeads):
         res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         ret.update(
             in_features=in_features,
-            pooler=ROIPooler(output_size=(res, res), scales=(1.0 / input_shape[in_features[0]].stride,),
-                             sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-                             pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE),
+            pooler=thread_roi_align(ROIPooler(output_size=(res, res),
+                                              scales=(1.0 / input_shape[in_features[0]].stride,),
+                                              sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                                              pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)),
             box_predictor=OpenVocabularyPredictor(cfg, ShapeSpec(channels=cfg.MODEL.CLIP.TEXT_EMB_DIM)),
             region_chunk_size=cfg.MODEL.CLIP.REGION_CHUNK_SIZE,
         )
@@ -86,6 +88,7 @@ class CLIPStandardROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
+        thread_roi_align(ret["box_pooler"])
         ret["box_predictor"] = OpenVocabularyPredictor(cfg, ret["box_head"].output_shape)
         return ret
 
@@ -113,8 +116,8 @@ class PretrainRes5ROIHeads(torch.nn.Module):
         kw = dict(sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
                   pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, scales=scale)
         res, t_res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, cfg.MODEL.CLIP.TEACHER_POOLER_RESOLUTION
-        return dict(in_features=in_features, pooler=ROIPooler(output_size=(res, res), **kw),
-                    teacher_pooler=ROIPooler(output_size=(t_res, t_res), **kw))
+        return dict(in_features=in_features, pooler=thread_roi_align(ROIPooler(output_size=(res, res), **kw)),
+                    teacher_pooler=thread_roi_align(ROIPooler(output_size=(t_res, t_res), **kw)))
 
     def forward(self, features, boxes, region_encoder: Callable, teacher: bool = False) -> torch.Tensor:
         """Region embeddings ``[R, D]`` of ``boxes`` (list of Boxes) from ``features``."""

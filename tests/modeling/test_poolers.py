@@ -1,0 +1,56 @@
+"""RoIAlign split over CPU threads gives the same output and gradients as one call."""
+import pytest
+import torch
+
+from detectron2.layers import ROIAlign
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+
+from regionclip_d2.modeling.poolers import ThreadedROIAlign, thread_roi_align
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rois(n, g):
+    xy = torch.rand(n, 2, generator=g) * 150
+    wh = torch.rand(n, 2, generator=g) * 100 + 1
+    return torch.cat([torch.randint(0, 2, (n, 1), generator=g).float(), xy, xy + wh], dim=1)
+
+
+def test_threaded_roi_align_is_exact(two_threads):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 12, 12, generator=g)
+    rois = _rois(101, g)
+    plain = ROIAlign((7, 7), 1 / 16, 0, aligned=True)
+    threaded = ThreadedROIAlign(plain, min_regions=4)
+    with torch.inference_mode():
+        assert torch.equal(threaded(x, rois), plain(x, rois))
+        assert torch.equal(threaded(x, rois[:3]), plain(x, rois[:3]))  # below the threshold: one call
+        assert threaded(x, rois[:0]).shape == (0, 8, 7, 7)
+    # training: the same gradients
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(101, 8, 7, 7, generator=g)
+    (plain(xa, rois) * w).sum().backward()
+    out = threaded(xb, rois)
+    assert out.requires_grad
+    (out * w).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+    with torch.no_grad():
+        assert not threaded(x.requires_grad_(), rois).requires_grad
+
+
+def test_pooler_wrapping(two_threads):
+    pooler = thread_roi_align(ROIPooler((7, 7), scales=(1 / 16,), sampling_ratio=0, pooler_type="ROIAlignV2"))
+    assert isinstance(pooler.level_poolers[0], ThreadedROIAlign)
+    assert not list(pooler.state_dict())  # no weights: checkpoints are unchanged
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(1, 4, 20, 20, generator=g)]
+    boxes = [Boxes(_rois(200, g)[:, 1:])]
+    ref = ROIPooler((7, 7), scales=(1 / 16,), sampling_ratio=0, pooler_type="ROIAlignV2")
+    assert torch.equal(pooler(feats, boxes), ref(feats, boxes))
