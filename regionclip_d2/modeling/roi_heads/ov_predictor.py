@@ -17,6 +17,8 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 
+from .postprocess import fast_inference
+
 logger = logging.getLogger(__name__)
 
 
@@ -203,8 +205,6 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         keep = [torch.isfinite(s).all(dim=1) & torch.isfinite(b).all(dim=1) for s, b in zip(scores, boxes)]
         boxes = [b[k] for b, k in zip(boxes, keep)]
         scores = [s[k] for s, k in zip(scores, keep)]
-        from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-
         image_shapes = [x.image_size for x in proposals]
-        return fast_rcnn_inference(boxes, scores, image_shapes, self.test_score_thresh,
-                                   self.test_nms_thresh, self.test_topk_per_image)
+        return fast_inference(boxes, scores, image_shapes, self.test_score_thresh,
+                              self.test_nms_thresh, self.test_topk_per_image)
