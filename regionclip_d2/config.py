@@ -46,7 +46,7 @@ def add_regionclip_config(cfg):
     c.MULTIPLY_RPN_SCORE = False  # score = sqrt(sigmoid(objectness) * p_cls)
     c.MULTIPLY_RPN_SCORE_LEGACY = False  # official behaviour: sqrt(raw_logit * p); NaN regions dropped
     c.ONLY_SAMPLE_FG_PROPOSALS = False  # train on foreground proposals only
-    c.REGION_CHUNK_SIZE = 0  # run res5 + attention pool over at most this many regions at once (0 = all)
+    c.REGION_CHUNK_SIZE = 100  # pool + encode (res5, attention pool) at most this many regions at once (0 = all)
     c.INFERENCE_DTYPE = "float32"  # inference compute type: float32 | bfloat16 (opt-in, CPU autocast or CUDA)
     c.CHANNELS_LAST = False  # run the CLIP backbone in channels-last memory format (opt-in)
     # --- region-text pretraining ---

@@ -40,23 +40,37 @@ class ThreadedROIAlign(nn.Module):
     threads on CPU (from ``min_regions`` regions on); elsewhere it is the wrapped module.
     Results (and gradients) are identical to the wrapped module's."""
 
-    def __init__(self, inner: ROIAlign, min_regions: int = 64):
+    def __init__(self, inner: ROIAlign, min_regions: int = 64, slice: int = 32):
         super().__init__()
         self.inner = inner
         self.min_regions = min_regions
+        self.slice = slice
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         threads = torch.get_num_threads()
         if input.device.type != "cpu" or threads <= 1 or rois.shape[0] < max(self.min_regions, 2):
             return self.inner(input, rois)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        if grad and input.requires_grad:  # autograd: one part per thread, concatenated
 
-        def pool(part):  # grad and inference modes are per thread: carry the caller's over
-            with (torch.inference_mode() if inference else torch.set_grad_enabled(grad)):
-                return self.inner(input, part)
+            def pool(part):  # grad mode is per thread: carry the caller's over
+                with torch.set_grad_enabled(True):
+                    return self.inner(input, part)
 
-        parts = torch.tensor_split(rois, threads)
-        return torch.cat(list(_executor(threads).map(pool, parts)), dim=0)
+            return torch.cat(list(_executor(threads).map(pool, torch.tensor_split(rois, threads))), dim=0)
+        # no autograd: threads fill one output in small slices (no second copy of the output)
+        first = self.inner(input, rois[:self.slice])
+        out = first.new_empty((rois.shape[0],) + first.shape[1:])
+        out[:first.shape[0]] = first
+        del first
+        starts = range(self.slice, rois.shape[0], self.slice)
+
+        def fill(start):
+            with (torch.inference_mode() if inference else torch.no_grad()):
+                out[start:start + self.slice] = self.inner(input, rois[start:start + self.slice])
+
+        list(_executor(threads).map(fill, starts))
+        return out
 
     def __repr__(self):
         return f"Threaded{self.inner!r}"

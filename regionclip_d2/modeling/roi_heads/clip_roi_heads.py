@@ -14,7 +14,7 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads, StandardROIHeads
 from detectron2.structures import Instances
 
@@ -61,9 +61,17 @@ class CLIPRes5ROIHeads(ROIHeads):
         return ret
 
     def region_features(self, features, boxes, region_encoder: Callable) -> torch.Tensor:
-        """``[R, D]`` embeddings of the boxes (a list of Boxes, one per image)."""
-        pooled = self.pooler([features[f] for f in self.in_features], boxes)
-        return encode_in_chunks(region_encoder, pooled, self.region_chunk_size)
+        """``[R, D]`` embeddings of the boxes (a list of Boxes, one per image). With
+        ``region_chunk_size`` the regions are pooled and encoded a chunk at a time, so
+        memory does not grow with the number of regions beyond the ``[R, D]`` output."""
+        x = [features[f] for f in self.in_features]
+        n = sum(len(b) for b in boxes)
+        chunk = self.region_chunk_size
+        if chunk <= 0 or n <= chunk or len(self.pooler.level_poolers) != 1:
+            return encode_in_chunks(region_encoder, self.pooler(x, boxes), chunk)
+        rois = convert_boxes_to_pooler_format(boxes)
+        level = self.pooler.level_poolers[0]
+        return torch.cat([region_encoder(level(x[0], rois[i:i + chunk])) for i in range(0, n, chunk)], dim=0)
 
     def forward(self, images, features, proposals: List[Instances], targets=None, *,
                 region_encoder: Callable = None):
