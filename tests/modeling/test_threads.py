@@ -53,6 +53,14 @@ def _assert_same(a, b):
     torch.testing.assert_close(sa, sb, rtol=0, atol=1e-5)
 
 
+def _same(a, b) -> bool:
+    try:
+        _assert_same(a, b)
+    except AssertionError:
+        return False
+    return True
+
+
 def _run_concurrently(fn, jobs):
     """``fn(job)`` for every job on THREADS threads that start together; results in job order."""
     barrier = threading.Barrier(THREADS)
@@ -158,13 +166,7 @@ def test_set_vocabulary_while_predicting(tiny_clip_config):
         assert swapper.result() > 1
     used = set()
     for i, det in results:
-        matches = []
-        for v in (0, 1):
-            try:
-                _assert_same(det, reference[v][i])
-                matches.append(v)
-            except AssertionError:
-                pass
+        matches = [v for v in (0, 1) if _same(det, reference[v][i])]
         assert len(matches) == 1, "a prediction matches neither vocabulary"
         used.add(matches[0])
     assert used  # (usually both vocabularies are seen; which one a call uses is not defined)
