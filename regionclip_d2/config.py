@@ -63,6 +63,8 @@ def add_regionclip_config(cfg):
     c.TEACHER_CONCEPT_POOL_EMB = ""  # [M, D_teacher] concept embeddings for the teacher (empty = CONCEPT_POOL_EMB)
     c.TEACHER_POOLER_RESOLUTION = 14  # RoIAlign output size of the teacher
     c.PRETRAIN_LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # region contrastive, region distillation, image-text
+    c.PRETRAIN_CONTRASTIVE_FORM = "official"  # region contrastive loss: official (softmax over regions) | paper
+    c.LEGACY_PADDED_IMAGE_BOX = False  # official: image-text box covers the padded batch tensor, padding included
     # --- reliability of training runs ---
     _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01  # skip unreadable samples; error once more than this fraction failed
     _C.SOLVER.NONFINITE_LOSS = "error"  # on a NaN/inf loss term: error (stop, naming it) | skip (the batch)

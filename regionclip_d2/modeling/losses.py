@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+CONTRASTIVE_FORMS = ("official", "paper")
+
 
 def cosine_logits(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
     """``[N, D]``, ``[M, D]`` -> ``[N, M]`` cosine similarities / ``tau``."""
@@ -25,19 +27,35 @@ def pseudo_labels(teacher_logits: torch.Tensor, threshold: float):
     return labels, soft, keep
 
 
-def region_concept_contrastive_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``-log p(v_i, l_{m_i})`` where the softmax runs over the concepts matched in the
-    batch: region i's pseudo concept against the other matched concepts (regions sharing a
-    pseudo label are positives of each other: they share the same target column).
+def region_concept_contrastive_loss(student_logits: torch.Tensor, labels: torch.Tensor,
+                                    form: str = "official") -> torch.Tensor:
+    """Region-concept contrastive loss over the kept regions (docs/method.md, pretraining).
+
+    ``form="official"`` (what the official code computes, and what produced the published
+    numbers): each region i is scored against the pseudo concept of every kept region j,
+    ``M[i, j] = student_logits[i, labels[j]]`` (a concept appears once per region that
+    matched it), ``p = softmax_j M[i, :]`` and the loss is
+    ``mean_i -log sum_{j: labels[j] == labels[i]} p[i, j]``.
+
+    ``form="paper"`` (the paper's equation): the softmax runs over the distinct concepts
+    matched in the batch, ``-log p(v_i, l_{m_i})`` with each matched concept counted once.
 
     Args:
-        student_logits: ``[R, M]`` student region-concept cosine / tau.
+        student_logits: ``[R, M]`` student region-concept cosine / tau (over the whole pool).
         labels: ``[R]`` pseudo labels (concept indices).
+        form: ``"official"`` | ``"paper"``.
     """
+    if form not in CONTRASTIVE_FORMS:
+        raise ValueError(f"region contrastive loss form {form!r}: use one of {CONTRASTIVE_FORMS}")
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    matched, target = torch.unique(labels, return_inverse=True)
-    return F.cross_entropy(student_logits[:, matched], target)
+    if form == "paper":
+        matched, target = torch.unique(labels, return_inverse=True)
+        return F.cross_entropy(student_logits[:, matched], target)
+    m = student_logits[:, labels]  # [R, R]: region i against region j's pseudo concept
+    same = labels[:, None] == labels[None, :]
+    positive = torch.logsumexp(m.masked_fill(~same, float("-inf")), dim=1)
+    return (torch.logsumexp(m, dim=1) - positive).mean()
 
 
 def region_concept_distillation_loss(student_logits: torch.Tensor, teacher_soft: torch.Tensor) -> torch.Tensor:

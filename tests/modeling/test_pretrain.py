@@ -35,7 +35,7 @@ def batch():
             dict(image_input(80, 80, seed=2), caption="a yellow heart")]
 
 
-def test_contrastive_loss_by_hand():
+def test_contrastive_loss_paper_form_by_hand():
     logits = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 2.0, -2.0], [1.0, 1.0, 0.0, 0.0]])
     labels = torch.tensor([0, 2, 0])  # matched concepts {0, 2}: concept 1 and 3 are not negatives
     expected = []
@@ -43,7 +43,38 @@ def test_contrastive_loss_by_hand():
         pos = math.exp(logits[i, m])
         neg = sum(math.exp(logits[i, k]) for k in (0, 2) if k != m)
         expected.append(-math.log(pos / (pos + neg)))
-    assert region_concept_contrastive_loss(logits, labels).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    got = region_concept_contrastive_loss(logits, labels, form="paper").item()
+    assert got == pytest.approx(sum(expected) / 3, rel=1e-6)
+
+
+def test_contrastive_loss_official_form_by_hand():
+    """The official form: a softmax over the kept regions' pseudo concepts, each concept
+    once per region that matched it; the positives of region i are all j with t_j == t_i."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 2.0, -2.0], [1.0, 1.0, 0.0, 0.0],
+                           [0.3, -0.7, 1.5, 0.2]])
+    labels = torch.tensor([0, 2, 0, 3])
+    expected = []
+    for i in range(4):
+        terms = [math.exp(logits[i, labels[j]]) for j in range(4)]
+        pos = sum(t for t, j in zip(terms, range(4)) if labels[j] == labels[i])
+        expected.append(-math.log(pos / sum(terms)))
+    got = region_concept_contrastive_loss(logits, labels).item()  # the default form
+    assert got == pytest.approx(sum(expected) / 4, rel=1e-6)
+    # a frequent concept weighs more than in the paper's form: the two forms differ here
+    assert got != pytest.approx(region_concept_contrastive_loss(logits, labels, form="paper").item(), rel=1e-3)
+    # with all pseudo labels distinct the two forms agree
+    distinct = torch.tensor([0, 2, 1, 3])
+    assert region_concept_contrastive_loss(logits, distinct).item() == pytest.approx(
+        region_concept_contrastive_loss(logits, distinct, form="paper").item(), rel=1e-6)
+    with pytest.raises(ValueError, match="official"):
+        region_concept_contrastive_loss(logits, labels, form="per-concept")
+
+
+def test_contrastive_loss_official_form_gradient_is_finite_with_large_logits():
+    logits = (torch.randn(6, 5, generator=torch.Generator().manual_seed(0)) * 100).requires_grad_(True)
+    loss = region_concept_contrastive_loss(logits, torch.tensor([0, 1, 1, 4, 0, 2]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 def test_distillation_loss_by_hand():
@@ -96,6 +127,31 @@ def test_pretrain_forward_all_region_types(tiny_clip_config, region_type):
     assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
     assert not any(p.requires_grad for p in model.lang_encoder.parameters())
     torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, model.teacher_backbone.layer3[0].conv1.weight)
+
+
+def test_image_text_box_per_image_or_padded_batch(tiny_clip_config):
+    """Default: each image's whole-image box is the image; LEGACY_PADDED_IMAGE_BOX (the
+    official behaviour): one box over the whole padded batch tensor for every image."""
+    from detectron2.structures import ImageList
+
+    images = ImageList(torch.zeros(2, 3, 96, 128), [(96, 128), (64, 96)])
+    torch.manual_seed(0)
+    model = build_model(pretrain_cfg(tiny_clip_config))
+    assert model.image_box_sizes(images) == [(96, 128), (64, 96)]
+    torch.manual_seed(0)
+    legacy = build_model(pretrain_cfg(tiny_clip_config, extra=["MODEL.CLIP.LEGACY_PADDED_IMAGE_BOX", True]))
+    assert legacy.image_box_sizes(images) == [(96, 128), (96, 128)]
+    # the loss sees it: the smaller images' embeddings (and so the loss) change
+    model.set_concept_pool(torch.randn(7, 64, generator=torch.Generator().manual_seed(0)))
+    legacy.set_concept_pool(model.concept_emb)
+    model.train()
+    legacy.train()
+    with EventStorage(0):
+        torch.manual_seed(1)
+        a = model(batch())["loss_image_text"]
+        torch.manual_seed(1)
+        b = legacy(batch())["loss_image_text"]
+    assert torch.isfinite(a) and torch.isfinite(b) and abs(a.item() - b.item()) > 1e-4
 
 
 def _train_steps(tiny_clip_config, steps, seed=0):

@@ -19,7 +19,7 @@ from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
 from ..backbone.clip_resnet import clip_resnet_from_cfg
-from ..losses import (cosine_logits, image_text_contrastive_loss, pseudo_labels,
+from ..losses import (CONTRASTIVE_FORMS, cosine_logits, image_text_contrastive_loss, pseudo_labels,
                       region_concept_contrastive_loss, region_concept_distillation_loss)
 from ..text import build_language_encoder, load_text_embeddings
 from .clip_rcnn import TwoBranchInputs, build_offline_rpn_cfg
@@ -63,6 +63,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                  offline_proposal_generator=None, region_type="RPN", concept_emb=None, teacher_concept_emb=None, tau=0.01,
                  concept_threshold=0.1, num_rpn_regions=300, num_sample_regions=100, grid=(3, 3),
                  num_random_regions=100, image_text=True, gather=False, loss_weights=(1.0, 1.0, 1.0),
+                 contrastive_form="official", legacy_padded_image_box=False,
                  pixel_mean, pixel_std, input_format="RGB", offline_pixel_mean=(103.53, 116.28, 123.675),
                  offline_pixel_std=(1.0, 1.0, 1.0), offline_input_format="BGR", setup_cfg=None):
         super().__init__()
@@ -95,6 +96,11 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self.image_text = image_text
         self.gather = gather
         self.loss_weights = tuple(loss_weights)
+        if contrastive_form not in CONTRASTIVE_FORMS:
+            raise ValueError(f"MODEL.CLIP.PRETRAIN_CONTRASTIVE_FORM={contrastive_form!r}: use one of "
+                             f"{CONTRASTIVE_FORMS}")
+        self.contrastive_form = contrastive_form
+        self.legacy_padded_image_box = legacy_padded_image_box
         self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
                           offline_input_format)
         self._rpn_weights_file = ""
@@ -116,6 +122,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             concept_threshold=c.CONCEPT_THRES, num_rpn_regions=c.PRETRAIN_RPN_REGIONS,
             num_sample_regions=c.PRETRAIN_SAMPLE_REGIONS, grid=c.GRID_REGIONS, num_random_regions=c.RANDOM_REGIONS,
             image_text=c.PRETRAIN_IMG_TXT_LEVEL, gather=c.GATHER_GPUS, loss_weights=c.PRETRAIN_LOSS_WEIGHTS,
+            contrastive_form=c.PRETRAIN_CONTRASTIVE_FORM, legacy_padded_image_box=c.LEGACY_PADDED_IMAGE_BOX,
             pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, input_format=cfg.INPUT.FORMAT,
         )
         if c.CROP_REGION_TYPE == "RPN":
@@ -174,6 +181,15 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             regions.append(boxes)
         return regions
 
+    def image_box_sizes(self, images) -> List[tuple]:
+        """``(h, w)`` of the whole-image box of each image for the image-text loss: the image
+        itself, or (``legacy_padded_image_box``, the official behaviour) the whole padded batch
+        tensor, so a smaller image's box includes its zero padding."""
+        if self.legacy_padded_image_box:
+            h, w = images.tensor.shape[-2:]
+            return [(int(h), int(w))] * len(images.image_sizes)
+        return list(images.image_sizes)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         if self.concept_emb.shape[0] == 0:
@@ -198,7 +214,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         s_logits = cosine_logits(s_feats, self.concept_emb, self.tau)
         w = self.loss_weights
         losses = {
-            "loss_region_contrastive": w[0] * region_concept_contrastive_loss(s_logits[keep], labels[keep]),
+            "loss_region_contrastive": w[0] * region_concept_contrastive_loss(s_logits[keep], labels[keep],
+                                                                          self.contrastive_form),
             "loss_region_distillation": w[1] * region_concept_distillation_loss(s_logits[keep], soft[keep]),
         }
         if self.image_text:
@@ -208,7 +225,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                                  "(or set MODEL.CLIP.PRETRAIN_IMG_TXT_LEVEL False)")
             with torch.no_grad():  # the text encoder is frozen: embeddings once per batch, no graph
                 text = self.lang_encoder(self.lang_encoder.tokenize(captions)).float()
-            full = [Boxes(torch.tensor([[0.0, 0.0, w_, h_]], device=self.device)) for h_, w_ in images.image_sizes]
+            full = [Boxes(torch.tensor([[0.0, 0.0, w_, h_]], device=self.device, dtype=torch.float32))
+                    for h_, w_ in self.image_box_sizes(images)]
             img_emb = self.roi_heads(s_features, full, self.backbone.encode_pooled_regions)
             losses["loss_image_text"] = w[2] * image_text_contrastive_loss(img_emb, text, self.tau, self.gather)
         if _CURRENT_STORAGE_STACK:  # inside a trainer: log how many regions and concepts were used
