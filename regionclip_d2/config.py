@@ -65,6 +65,8 @@ def add_regionclip_config(cfg):
     c.PRETRAIN_LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # region contrastive, region distillation, image-text
     c.PRETRAIN_CONTRASTIVE_FORM = "official"  # region contrastive loss: official (softmax over regions) | paper
     c.LEGACY_PADDED_IMAGE_BOX = False  # official: image-text box covers the padded batch tensor, padding included
+    # --- optimiser ---
+    _C.SOLVER.OPTIMIZER = "SGD"  # SGD (detectron2's, momentum SOLVER.MOMENTUM) | ADAMW (betas 0.9/0.999)
     # --- reliability of training runs ---
     _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01  # skip unreadable samples; error once more than this fraction failed
     _C.SOLVER.NONFINITE_LOSS = "error"  # on a NaN/inf loss term: error (stop, naming it) | skip (the batch)

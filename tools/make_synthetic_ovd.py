@@ -43,6 +43,10 @@ def main(argv=None):
                                                               "of the image size)")
     ap.add_argument("--max-size", type=int, default=None, help="largest object diameter in px (default: 50%% "
                                                               "of the image size)")
+    ap.add_argument("--single-min-size", type=int, default=None,
+                    help="smallest object diameter in single-object images (default: --min-size)")
+    ap.add_argument("--single-max-size", type=int, default=None,
+                    help="largest object diameter in single-object images (default: --max-size)")
     ap.add_argument("--categories", default=",".join(DEFAULT_CATEGORIES),
                     help=f"comma list of shapes, in category-id order (available: {','.join(sorted(SHAPES))}; "
                          "default: %(default)s)")
@@ -52,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--captions-per-image", type=int, default=2, help="default: %(default)s")
     ap.add_argument("--colour-prob", type=float, default=0.5,
                     help="fraction of captions naming colours (default: %(default)s; colour is a shortcut)")
+    ap.add_argument("--single-object-prob", type=float, default=0.45,
+                    help="fraction of images with exactly one object (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     ap.add_argument("--workers", type=int, default=1, help="rendering processes; the output does not depend "
                                                            "on it (default: %(default)s)")
@@ -61,8 +67,10 @@ def main(argv=None):
     try:
         cfg = WorldConfig(image_size=args.image_size, categories=_names(args.categories),
                           novel=_names(args.novel), max_objects=args.max_objects, min_size=args.min_size,
-                          max_size=args.max_size, captions_per_image=args.captions_per_image,
-                          colour_prob=args.colour_prob, seed=args.seed)
+                          max_size=args.max_size, single_min_size=args.single_min_size,
+                          single_max_size=args.single_max_size, captions_per_image=args.captions_per_image,
+                          colour_prob=args.colour_prob, single_object_prob=args.single_object_prob,
+                          seed=args.seed)
         for name in ("num_train", "num_val", "num_test"):
             if getattr(args, name) < 0:
                 raise WorldConfigError(f"--{name.replace('_', '-')} must be >= 0")

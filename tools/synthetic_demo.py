@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    from regionclip_d2.synthetic.pipeline import PROFILES, Pipeline
+    from regionclip_d2.synthetic.pipeline import PROFILES, Pipeline, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_demo", help="output folder (default: %(default)s)")
@@ -32,12 +32,10 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help=f"override profile values, e.g. clip_steps=800 (keys: {', '.join(PROFILES['demo'])})")
     args = ap.parse_args(argv)
-    overrides = {}
-    for kv in args.set:
-        k, sep, v = kv.partition("=")
-        if not sep or k not in PROFILES["demo"]:
-            ap.error(f"--set {kv!r}: expected KEY=VALUE with KEY in {list(PROFILES['demo'])}")
-        overrides[k] = int(v)
+    try:
+        overrides = parse_overrides(args.set, args.profile)
+    except ValueError as e:
+        ap.error(f"--set {e}")
     try:
         res = Pipeline(args.output, args.profile, args.seed, overrides).run()
     except RuntimeError as e:

@@ -7,13 +7,14 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
-from detectron2.structures import Boxes
+from detectron2.structures import pairwise_iou
 
 
 @torch.no_grad()
 def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, class_names: Sequence[str],
                                    novel_classes: Sequence[str] = (), progress: bool = True) -> Dict:
-    """Classify every ground-truth box of ``dataset_dicts`` with a ``CLIPFastRCNN``.
+    """Classify every ground-truth box of ``dataset_dicts`` with a ``CLIPFastRCNN`` (C4 or
+    FPN; the boxes are encoded by ``model.encode_boxes``).
 
     The model's vocabulary is set to ``class_names`` (the data set's classes, in its
     contiguous order); each box's prediction is the argmax over the classes (background
@@ -28,11 +29,8 @@ def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, cla
         x = mapper(d)
         if x is None or "instances" not in x or len(x["instances"]) == 0:
             continue
-        images = model.preprocess_image([x])
-        features = model.backbone(images.tensor)
-        boxes = [Boxes(x["instances"].gt_boxes.tensor.to(model.device))]
-        feats = model.roi_heads.region_features(features, boxes, model.region_encoder())
-        logits, _ = pred(feats)
+        emb = model.encode_boxes([x], [x["instances"].gt_boxes])[0]
+        logits = pred.classify(emb)
         guess = logits[:, :-1].argmax(dim=1).cpu()
         for g, t in zip(guess.tolist(), x["instances"].gt_classes.tolist()):
             total[t] += 1
@@ -44,3 +42,43 @@ def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, cla
                          ("base", [n for n in per_class if n not in novel]), ("all", list(per_class))):
         out[f"acc-{split}"] = sum(per_class[n] for n in names) / len(names) if names else float("nan")
     return out
+
+
+@torch.no_grad()
+def pseudo_label_accuracy(model, dataset_dicts: List[Dict], mapper, concept_names: Sequence[str],
+                          class_names: Sequence[str], novel_classes: Sequence[str] = (),
+                          iou_threshold: float = 0.5) -> Dict:
+    """How often a ``PretrainFastRCNN`` teacher's pseudo label names the object a region shows.
+
+    For every region the model samples (its RPN, grid or random regions) that overlaps a
+    ground-truth box with IoU >= ``iou_threshold``, the pseudo label (the teacher's best
+    concept) is correct when the concept's head noun (its last word: "red star" -> "star")
+    is the class name of the best-overlapping box. ``mapper`` must keep the annotations
+    (``build_test_mapper`` of a GT-mode config).
+
+    Returns ``{"accuracy", "accuracy-base", "accuracy-novel"}`` (%, over regions),
+    ``"regions"`` (how many were judged) and ``"per_class"``.
+    """
+    model.eval()
+    novel = set(novel_classes)
+    correct, total = defaultdict(int), defaultdict(int)
+    for d in dataset_dicts:
+        x = mapper(d)
+        if x is None or "instances" not in x or len(x["instances"]) == 0:
+            continue
+        out = model([x])[0]
+        iou = pairwise_iou(out["regions"], x["instances"].gt_boxes.to(out["regions"].device))
+        best, idx = iou.max(dim=1)
+        for r in (best >= iou_threshold).nonzero().flatten().tolist():
+            name = class_names[int(x["instances"].gt_classes[idx[r]])]
+            concept = concept_names[int(out["pseudo_labels"][r])]
+            total[name] += 1
+            correct[name] += int(concept.split()[-1] == name)
+
+    def rate(names):
+        n = sum(total[c] for c in names)
+        return 100.0 * sum(correct[c] for c in names) / n if n else float("nan")
+
+    return {"accuracy": rate(list(total)), "accuracy-base": rate([c for c in total if c not in novel]),
+            "accuracy-novel": rate([c for c in total if c in novel]), "regions": int(sum(total.values())),
+            "per_class": {c: 100.0 * correct[c] / total[c] for c in total}}

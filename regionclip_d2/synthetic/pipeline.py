@@ -6,13 +6,19 @@ Stages (each a command-line tool run as a subprocess, as a user would run it):
   3. concepts    tools/extract_concepts.py        the concept pool of the training captions + embeddings
   4. classes     tools/embed_vocabulary.py        base (training) and all (test) class embeddings
   5. rpn         tools/train_net.py               the class-agnostic RPN on base boxes
-  6. pretrain    tools/train_net.py               RegionCLIP region-text pretraining (teacher = world CLIP)
-  7. zeroshot    region classification on GT boxes (world CLIP vs pretrained student) and
+  6. teacher     what the teacher knows about regions: its pseudo labels on RPN regions that
+                 overlap a ground-truth box (the knowledge region-text pretraining distils)
+  7. pretrain    tools/train_net.py               RegionCLIP region-text pretraining (teacher = world CLIP)
+  8. zeroshot    region classification on GT boxes (world CLIP vs pretrained student) and
                  tools/train_net.py --eval-only  zero-shot detection with GT boxes
-  8. transfer    tools/train_net.py               detectors on base classes, from the world CLIP and from
-                                                  the pretrained student; novel/base/all AP50 on test
-  9. demo        tools/demo.py                    DefaultPredictor with a vocabulary including novel classes
- 10. report      results.md, results.json, results.png
+  9. transfer    tools/train_net.py               detectors on base classes (C4 from the world CLIP and
+                                                  from the student; FPN from the world CLIP);
+                                                  novel/base/all AP50 on test
+ 10. demo        tools/demo.py                    DefaultPredictor with a vocabulary including novel classes
+ 11. report      results.md, results.json, results.png
+
+``Pipeline.ablation`` reruns stages 7-9 (or 9 alone) with changed settings on the artifacts of
+a finished run (same world, CLIP, RPN, concepts), for the paper's ablations.
 """
 import json
 import logging
@@ -26,16 +32,51 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+WORLD_KEYS = ("image_size", "max_objects", "min_size", "max_size", "single_min_size", "single_max_size",
+              "single_object_prob", "colour_prob", "categories", "novel")
+
 PROFILES = {
-    # the demo: all stages in about 15 minutes on 2 CPU cores
-    "demo": dict(num_train=2000, num_val=100, num_test=300, clip_steps=500, clip_batch=128, min_count=30,
-                 rpn_iters=100, rpn_batch=16, pretrain_iters=150, pretrain_batch=16, transfer_iters=150,
-                 transfer_batch=8, demo_images=4),
+    # the demo: all stages in about 15 minutes on 2 CPU cores (fp32, AVX2)
+    "demo": dict(num_train=3000, num_val=900, num_test=300, image_size=96, max_objects=3, min_size=30,
+                 max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.3,
+                 categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
+                 novel="heart,moon,bolt,frame",
+                 clip_steps=400, clip_batch=128, clip_lr=0.004, min_count=30,
+                 rpn_iters=60, rpn_batch=16,
+                 pretrain_iters=150, pretrain_batch=16, pretrain_lr=0.002, pretrain_regions="RPN",
+                 pretrain_loss_weights="1,1,1",
+                 transfer_iters=250, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
+                 demo_images=4, demo_threshold=0.5),
     # the test suite: every stage, tiny
-    "tiny": dict(num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16, min_count=2,
-                 rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4, transfer_iters=4,
-                 transfer_batch=4, demo_images=2),
+    "tiny": dict(num_train=48, num_val=8, num_test=12, image_size=96, max_objects=3, min_size=30,
+                 max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.3,
+                 categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
+                 novel="heart,moon,bolt,frame",
+                 clip_steps=30, clip_batch=16, clip_lr=0.004, min_count=2,
+                 rpn_iters=4, rpn_batch=4,
+                 pretrain_iters=3, pretrain_batch=4, pretrain_lr=0.002, pretrain_regions="RPN",
+                 pretrain_loss_weights="1,1,1",
+                 transfer_iters=4, transfer_batch=4, transfer_lr=0.001, focal=0.5, fpn=1,
+                 demo_images=2, demo_threshold=0.5),
 }
+
+TRANSFER_ROWS = (("world CLIP", "world", "C4"), ("RegionCLIP student", "regionclip", "C4"),
+                 ("world CLIP, FPN", "world_fpn", "FPN"))
+
+
+def parse_overrides(pairs: List[str], profile: str = "demo") -> Dict:
+    """``["clip_steps=800", "pretrain_regions=GRID"]`` -> a dict typed like the profile's values."""
+    out = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep or k not in PROFILES[profile]:
+            raise ValueError(f"{kv!r}: expected KEY=VALUE with KEY in {list(PROFILES[profile])}")
+        kind = type(PROFILES[profile][k])
+        try:
+            out[k] = kind(v)
+        except ValueError:
+            raise ValueError(f"{kv!r}: {k} must be of type {kind.__name__}") from None
+    return out
 
 
 class Pipeline:
@@ -53,6 +94,7 @@ class Pipeline:
         self.clip_dir = os.path.join(self.out, "world_clip")
         self.clip_cfg = os.path.join(self.clip_dir, "world_clip.json")
         self.clip_weights = os.path.join(self.clip_dir, "world_clip.pt")
+        self.rpn_weights = os.path.join(self.out, "rpn", "model_final.pth")
 
     # ------------------------------------------------------------------ helpers
     def tool(self, name: str, args: List[str], stage: str, log_name: str = None):
@@ -91,6 +133,17 @@ class Pipeline:
         return ["MODEL.CLIP.OPENCLIP_MODEL_CONFIG", self.clip_cfg, "MODEL.CLIP.CLIP_WEIGHTS", self.clip_weights,
                 "SEED", self.seed]
 
+    def size_args(self):
+        """Input sizes and pooled grids for the world's image size (res4 is 1/16 of it; res5
+        halves that to the attention pool's native grid)."""
+        s = self.p["image_size"]
+        return ["INPUT.MIN_SIZE_TRAIN", f"({s},)", "INPUT.MAX_SIZE_TRAIN", s, "INPUT.MIN_SIZE_TEST", s,
+                "INPUT.MAX_SIZE_TEST", s]
+
+    def pool_args(self):
+        g = self.p["image_size"] // 16
+        return ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", g, "MODEL.CLIP.TEACHER_POOLER_RESOLUTION", g]
+
     def names(self):
         with open(os.path.join(self.world, "world.json")) as f:
             w = json.load(f)
@@ -98,18 +151,26 @@ class Pipeline:
         return ([c["name"] for c in cats if c["split"] == "base"], [c["name"] for c in cats if c["split"] == "novel"],
                 [c["name"] for c in cats])
 
+    def class_args(self, test_vocab: bool = True):
+        base, _, all_names = self.names()
+        if not test_vocab:
+            return ["MODEL.ROI_HEADS.NUM_CLASSES", len(all_names)]
+        return ["MODEL.ROI_HEADS.NUM_CLASSES", len(base), "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", len(all_names)]
+
     # ------------------------------------------------------------------ stages
     def make_world(self):
         p = self.p
-        self.tool("make_synthetic_ovd.py", ["--output-dir", self.world, "--num-train", p["num_train"], "--num-val",
-                                            p["num_val"], "--num-test", p["num_test"], "--seed", self.seed,
-                                            "--no-progress"], "world")
+        args = ["--output-dir", self.world, "--num-train", p["num_train"], "--num-val", p["num_val"],
+                "--num-test", p["num_test"], "--seed", self.seed, "--no-progress"]
+        for k in WORLD_KEYS:
+            args += ["--" + k.replace("_", "-"), p[k]]
+        self.tool("make_synthetic_ovd.py", args, "world")
 
     def train_clip(self):
         p = self.p
         self.tool("train_world_clip.py", ["--world-dir", self.world, "--output-dir", self.clip_dir, "--steps",
-                                          p["clip_steps"], "--batch-size", p["clip_batch"], "--seed", self.seed,
-                                          "--no-progress"], "clip")
+                                          p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
+                                          "--seed", self.seed, "--no-progress"], "clip")
         with open(os.path.join(self.clip_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
 
@@ -137,24 +198,66 @@ class Pipeline:
         self.tool("train_net.py", ["--config-file", "configs/synthetic/rpn_R_18_FPN_world.yaml"] + self.register_args()
                   + ["DATASETS.TRAIN", "('world_train',)", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", p["rpn_iters"],
                      "SOLVER.IMS_PER_BATCH", p["rpn_batch"], "SOLVER.STEPS", f"({int(p['rpn_iters'] * 0.8)},)",
-                     "SOLVER.WARMUP_ITERS", min(30, p["rpn_iters"] // 4), "SEED", self.seed], "rpn")
-        return os.path.join(out, "model_final.pth")
+                     "SOLVER.WARMUP_ITERS", min(30, p["rpn_iters"] // 4), "SEED", self.seed] + self.size_args(), "rpn")
+        return self.rpn_weights
 
-    def pretrain(self, rpn_weights):
+    def pretrain_args(self, out: str) -> List:
         p = self.p
-        out = os.path.join(self.out, "pretrain")
-        self.tool("train_net.py", ["--config-file", "configs/synthetic/pretrain_world.yaml", "--register-captions",
-                                   f"world_captions_train={os.path.join(self.world, 'annotations', 'captions_train.jsonl')}"
-                                   f":{os.path.join(self.world, 'train')}"]
-                  + ["OUTPUT_DIR", out, "MODEL.CLIP.CONCEPT_POOL_EMB",
-                     os.path.join(self.out, "concepts", "concept_embeddings.pth"), "MODEL.CLIP.BB_RPN_WEIGHTS", rpn_weights,
-                     "SOLVER.MAX_ITER", p["pretrain_iters"], "SOLVER.IMS_PER_BATCH", p["pretrain_batch"],
-                     "SOLVER.STEPS", f"({int(p['pretrain_iters'] * 0.8)},)",
-                     "SOLVER.WARMUP_ITERS", min(20, p["pretrain_iters"] // 4)] + self.model_args(), "pretrain")
+        return (["--config-file", "configs/synthetic/pretrain_world.yaml", "--register-captions",
+                 f"world_captions_train={os.path.join(self.world, 'annotations', 'captions_train.jsonl')}"
+                 f":{os.path.join(self.world, 'train')}"]
+                + ["OUTPUT_DIR", out, "MODEL.CLIP.CONCEPT_POOL_EMB",
+                   os.path.join(self.out, "concepts", "concept_embeddings.pth"), "MODEL.CLIP.BB_RPN_WEIGHTS",
+                   self.rpn_weights, "MODEL.CLIP.CROP_REGION_TYPE", p["pretrain_regions"],
+                   "MODEL.CLIP.PRETRAIN_LOSS_WEIGHTS", f"[{p['pretrain_loss_weights']}]",
+                   "MODEL.CLIP.PRETRAIN_IMG_TXT_LEVEL", float(p["pretrain_loss_weights"].split(",")[2]) > 0,
+                   "SOLVER.MAX_ITER", p["pretrain_iters"], "SOLVER.IMS_PER_BATCH", p["pretrain_batch"],
+                   "SOLVER.BASE_LR", p["pretrain_lr"], "SOLVER.STEPS", f"({int(p['pretrain_iters'] * 0.8)},)",
+                   "SOLVER.WARMUP_ITERS", min(20, p["pretrain_iters"] // 4)]
+                + self.size_args() + self.pool_args() + self.model_args())
+
+    def teacher_knowledge(self):
+        """Accuracy of the teacher's pseudo labels (argmax over the concept pool, the concept's
+        head noun compared with the class name) on the RPN regions of the test split that
+        overlap a ground-truth box with IoU >= 0.5."""
+        import torch
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+        from detectron2.modeling import build_model
+
+        from .. import get_regionclip_cfg
+        from ..data.datasets import register_coco_format
+        from ..data.mappers import build_test_mapper
+        from ..evaluation.region_classification import pseudo_label_accuracy
+
+        self._quiet_logs()
+        name = f"world_test_{os.getpid()}_{id(self)}"
+        register_coco_format(name, self.ann("test"), os.path.join(self.world, "test"))
+        args = self.pretrain_args(os.path.join(self.out, "teacher"))
+        opts = [str(v) for v in args[args.index("OUTPUT_DIR"):]] + ["MODEL.DEVICE", "cpu"]
+        cfg = get_regionclip_cfg("configs/synthetic/pretrain_world.yaml", opts)
+        torch.manual_seed(self.seed)
+        model = build_model(cfg)
+        with open(os.path.join(self.out, "concepts", "concepts.txt")) as f:
+            concepts = [line.split("\t")[0] for line in f if line.strip()]
+        gt_cfg = cfg.clone()
+        gt_cfg.defrost()
+        gt_cfg.MODEL.CLIP.CROP_REGION_TYPE = "GT"
+        return pseudo_label_accuracy(model, DatasetCatalog.get(name), build_test_mapper(gt_cfg), concepts,
+                                     MetadataCatalog.get(name).thing_classes, self.names()[1])
+
+    def pretrain(self, tag: str = "pretrain"):
+        out = os.path.join(self.out, tag)
+        self.tool("train_net.py", self.pretrain_args(out), "pretrain", log_name=tag)
         return os.path.join(out, "model_final.pth")
 
-    def zero_shot(self, student_weights):
-        """Region classification on GT boxes of the test split: world CLIP vs student."""
+    @staticmethod
+    def _quiet_logs():
+        for name in ("fvcore", "detectron2", "d2", "regionclip_d2"):  # keep the console to the progress lines
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def zero_shot(self, student_weights, eval_tool: bool = True, teacher: bool = True):
+        """Region classification on GT boxes of the test split: world CLIP (``teacher``) vs
+        student; with ``eval_tool`` also zero-shot detection AP50 through tools/train_net.py."""
         import torch
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from detectron2.modeling import build_model
@@ -165,55 +268,66 @@ class Pipeline:
         from ..data.mappers import build_test_mapper
         from ..evaluation.region_classification import region_classification_accuracy
 
-        for name in ("fvcore", "detectron2", "d2", "regionclip_d2"):  # keep the console to the progress lines
-            logging.getLogger(name).setLevel(logging.ERROR)
-        register_coco_format("world_test", self.ann("test"), os.path.join(self.world, "test"))
-        dicts = DatasetCatalog.get("world_test")
-        names = MetadataCatalog.get("world_test").thing_classes
+        self._quiet_logs()
+        name = f"world_test_{os.getpid()}_{id(self)}"
+        register_coco_format(name, self.ann("test"), os.path.join(self.world, "test"))
+        dicts = DatasetCatalog.get(name)
+        names = MetadataCatalog.get(name).thing_classes
         _, novel, _ = self.names()
+        opts = self.model_args() + self.size_args() + self.pool_args() + self.class_args(test_vocab=False)
         results = {}
-        for label, weights in (("world CLIP", ""), ("RegionCLIP student", student_weights)):
+        models = [("world CLIP", "")] if teacher else []
+        for label, weights in models + [("RegionCLIP student", student_weights)]:
             cfg = get_regionclip_cfg("configs/synthetic/CLIP_fast_rcnn_world_zsinf_GT.yaml",
-                                     [str(v) for v in self.model_args()] + ["MODEL.DEVICE", "cpu",
-                                                                            "MODEL.CLIP.VOCABULARY", ""])
+                                     [str(v) for v in opts] + ["MODEL.DEVICE", "cpu", "MODEL.CLIP.VOCABULARY", ""])
             torch.manual_seed(0)
             model = build_model(cfg)
             if weights:
                 RegionCLIPCheckpointer(model).load(weights)
             results[label] = region_classification_accuracy(model, dicts, build_test_mapper(cfg), names, novel,
                                                             progress=False)
+            if not eval_tool:
+                continue
             # the same through the public evaluation tool: zero-shot detection AP50 with GT boxes
             out = os.path.join(self.out, "zeroshot", label.split()[0].lower())
             self.tool("train_net.py", ["--eval-only", "--config-file", "configs/synthetic/CLIP_fast_rcnn_world_zsinf_GT.yaml",
                                        "--register", f"world_test={self.ann('test')}:{os.path.join(self.world, 'test')}",
                                        "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
-                                       "MODEL.CLIP.VOCABULARY", ""] + self.model_args(), "zeroshot",
+                                       "MODEL.CLIP.VOCABULARY", ""] + opts, "zeroshot",
                       log_name=f"zeroshot_{label.split()[0].lower()}")
             with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
                 results[label]["gt_boxes_bbox"] = json.load(f)["bbox"]
         return results
 
-    def transfer(self, rpn_weights, student_weights):
+    def transfer_one(self, weights: str, tag: str, arch: str = "C4"):
+        """One detector trained on base classes from ``weights`` ("" = the world CLIP);
+        returns its novel/base/all AP50 on the test split."""
         p = self.p
-        results = {}
-        for label, weights in (("world CLIP", ""), ("RegionCLIP student", student_weights)):
-            out = os.path.join(self.out, "transfer", label.split()[0].lower())
-            self.tool("train_net.py", ["--config-file", "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml"]
-                      + self.register_args()
-                      + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out,
-                         "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn_weights,
-                         "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
-                         "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
-                         "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH", p["transfer_batch"],
-                         "SOLVER.STEPS", f"({int(p['transfer_iters'] * 0.8)},)",
-                         "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)] + self.model_args(), "transfer",
-                      log_name=f"transfer_{label.split()[0].lower()}")
-            with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
-                results[label] = json.load(f)["bbox"]
-            results[label]["weights"] = os.path.join(out, "model_final.pth")
-        return results
+        out = os.path.join(self.out, "transfer", tag)
+        config = {"C4": "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml",
+                  "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml"}[arch]
+        self.tool("train_net.py", ["--config-file", config] + self.register_args()
+                  + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out,
+                     "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
+                     "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
+                     "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
+                     "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"],
+                     "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH", p["transfer_batch"],
+                     "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS", f"({int(p['transfer_iters'] * 0.8)},)",
+                     "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
+                  + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
+                  + self.model_args(), "transfer", log_name=f"transfer_{tag}")
+        with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
+            res = json.load(f)["bbox"]
+        res["weights"] = os.path.join(out, "model_final.pth")
+        return res
 
-    def demo(self, detector_weights, rpn_weights):
+    def transfer(self, student_weights):
+        rows = [r for r in TRANSFER_ROWS if r[2] == "C4" or self.p["fpn"]]
+        return {label: self.transfer_one(student_weights if tag == "regionclip" else "", tag, arch)
+                for label, tag, arch in rows}
+
+    def demo(self, detector_weights):
         _, novel, all_names = self.names()
         test_dir = os.path.join(self.world, "test")
         images = sorted(os.listdir(test_dir))[: self.p["demo_images"]]
@@ -221,76 +335,131 @@ class Pipeline:
         self.tool("demo.py", ["--config-file", "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml", "--input"]
                   + [os.path.join(test_dir, i) for i in images]
                   + ["--output", out, "--vocabulary", "custom", "--custom-vocabulary", ",".join(all_names),
-                     "--confidence-threshold", "0.3", "--cpu", "--opts", "MODEL.WEIGHTS", detector_weights,
-                     "MODEL.CLIP.BB_RPN_WEIGHTS", rpn_weights] + self.model_args(), "demo")
+                     "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts", "MODEL.WEIGHTS",
+                     detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights]
+                  + self.size_args() + self.pool_args() + self.class_args() + self.model_args(), "demo")
         return out
 
     # ------------------------------------------------------------------ all
     def run(self) -> Dict:
         t0 = time.time()
-        self._stage("1/10 world: generating images, boxes and captions", self.make_world)
-        clip_metrics = self._stage("2/10 clip: training the world's CLIP from scratch", self.train_clip)
-        concepts = self._stage("3/10 concepts: extracting the concept pool", self.concepts)
-        self._stage("4/10 classes: embedding base and all class names", self.class_embeddings)
-        rpn = self._stage("5/10 rpn: training the RPN on base boxes", self.train_rpn)
-        student = self._stage("6/10 pretrain: region-text pretraining", lambda: self.pretrain(rpn))
-        zs = self._stage("7/10 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))
-        tr = self._stage("8/10 transfer: detectors on base classes", lambda: self.transfer(rpn, student))
-        demo_dir = self._stage("9/10 demo: DefaultPredictor with novel classes",
-                               lambda: self.demo(tr["RegionCLIP student"]["weights"], rpn))
+        self._stage("1/11 world: generating images, boxes and captions", self.make_world)
+        clip_metrics = self._stage("2/11 clip: training the world's CLIP from scratch", self.train_clip)
+        concepts = self._stage("3/11 concepts: extracting the concept pool", self.concepts)
+        self._stage("4/11 classes: embedding base and all class names", self.class_embeddings)
+        self._stage("5/11 rpn: training the RPN on base boxes", self.train_rpn)
+        teacher = self._stage("6/11 teacher: pseudo labels on RPN regions", self.teacher_knowledge)
+        student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
+        zs = self._stage("8/11 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))
+        tr = self._stage("9/11 transfer: detectors on base classes", lambda: self.transfer(student))
+        demo_dir = self._stage("10/11 demo: DefaultPredictor with novel classes",
+                               lambda: self.demo(tr["RegionCLIP student"]["weights"]))
         results = {"profile": self.p, "seed": self.seed, "world_clip": clip_metrics, "concepts": len(concepts),
-                   "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir, "timings_s": self.timings,
-                   "total_s": time.time() - t0}
-        self._stage("10/10 report: table and plot", lambda: self.report(results))
+                   "teacher": teacher, "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir,
+                   "timings_s": self.timings, "total_s": time.time() - t0}
+        self._stage("11/11 report: table and plot", lambda: self.report(results))
         results["total_s"] = time.time() - t0
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         return results
 
+    def ablation(self, tag: str, overrides: Dict, transfer_only: bool = False,
+                 zero_shot_only: bool = False) -> Dict:
+        """Stages 7-9 again with ``overrides`` on this run's world, CLIP, RPN and concepts (which
+        must exist); outputs go to ``<out>/ablations/<tag>``. ``transfer_only``: only the transfer
+        detector from this run's student; ``zero_shot_only``: pretraining and zero-shot, no
+        transfer. Returns the zero-shot and/or transfer results of the changed setting."""
+        sub = Pipeline(os.path.join(self.out, "ablations", tag), seed=self.seed, overrides=dict(self.p, **overrides),
+                       python=self.python)
+        sub.world, sub.clip_dir, sub.clip_cfg, sub.clip_weights, sub.rpn_weights = (
+            self.world, self.clip_dir, self.clip_cfg, self.clip_weights, self.rpn_weights)
+        for name in ("concepts", "classes"):
+            link = os.path.join(sub.out, name)
+            if not os.path.exists(link):
+                os.symlink(os.path.join(self.out, name), link)
+        if transfer_only:
+            return {"transfer": sub.transfer_one(os.path.join(self.out, "pretrain", "model_final.pth"),
+                                                 "regionclip")}
+        student = sub.pretrain()
+        zs = sub.zero_shot(student, eval_tool=False, teacher=False)["RegionCLIP student"]
+        if zero_shot_only:
+            return {"zero_shot": zs}
+        return {"zero_shot": zs, "transfer": sub.transfer_one(student, "regionclip")}
+
     def report(self, results):
-        zs, tr = results["zero_shot"], results["transfer"]
-        rows = []
-        for label in ("world CLIP", "RegionCLIP student"):
-            z, t = zs[label], tr[label]
-            rows.append(f"| {label} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} | "
-                        f"{t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | {t['AP50-all']:.1f} |")
-        md = ["# RegionCLIP in the synthetic world", "",
-              f"World: {self.p['num_train']} training images, 14 shapes (10 base, 4 novel with no training boxes); "
-              f"seed {self.seed}. Total time {results['total_s'] / 60:.1f} min.", "",
-              "| initialisation | zero-shot GT-box acc. novel | base | all | transfer AP50 novel | base | all |",
-              "|---|---|---|---|---|---|---|"] + rows + [
-              "", "Zero-shot: top-1 accuracy of classifying ground-truth boxes of the test split among all 14 "
-              "classes (mean of per-class accuracy). Transfer: detectors trained on base-class boxes with the "
-              "RPN branch, evaluated on all 14 classes (mean of per-class AP50).", "",
-              f"World CLIP: held-out image-to-caption retrieval top-1 "
-              f"{100 * results['world_clip'].get('retrieval_top1', float('nan')):.1f}% (chance "
-              f"{100 * results['world_clip'].get('retrieval_chance', float('nan')):.1f}%); whole-image shape accuracy "
-              f"{100 * results['world_clip'].get('zero_shot', {}).get('accuracy', float('nan')):.1f}% over 14 shapes "
-              f"(novel {100 * results['world_clip'].get('zero_shot', {}).get('accuracy_novel', float('nan')):.1f}%).",
-              f"Concept pool: {results['concepts']} concepts.", "",
-              "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in self.timings.items()), "",
-              f"Visualised detections: {results['demo_dir']}"]
+        md = report_markdown(results, self.p, self.seed)
         with open(os.path.join(self.out, "results.md"), "w") as f:
             f.write("\n".join(md) + "\n")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-            for ax, (title, key_fmt, data) in zip(axes, (("zero-shot GT-box accuracy (%)", "acc-{}", zs),
-                                                         ("transfer AP50", "AP50-{}", tr))):
-                splits = ["novel", "base", "all"]
-                for i, label in enumerate(("world CLIP", "RegionCLIP student")):
-                    vals = [data[label][key_fmt.format(s)] for s in splits]
-                    ax.bar([j + 0.38 * i for j in range(3)], vals, width=0.36, label=label)
-                ax.set_xticks([j + 0.19 for j in range(3)], splits)
-                ax.set_title(title)
-            axes[0].legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(os.path.join(self.out, "results.png"), dpi=100)
-            plt.close(fig)
-        except Exception as e:  # the table is the result; the plot is a convenience
-            logger.warning("could not draw the plot: %s", e)
+        plot_results(results, os.path.join(self.out, "results.png"))
         print("\n".join(md))
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}" if x == x else "n/a"
+
+
+def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
+    zs, tr, clip = results["zero_shot"], results["transfer"], results["world_clip"]
+    rows = []
+    for label in ("world CLIP", "RegionCLIP student"):
+        z, t = zs[label], tr[label]
+        rows.append(f"| {label} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} | "
+                    f"{t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | {t['AP50-all']:.1f} |")
+    if "world CLIP, FPN" in tr:
+        t = tr["world CLIP, FPN"]
+        rows.append(f"| world CLIP, FPN (ours) | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
+                    f"{t['AP50-all']:.1f} |")
+    n_base = len(p["categories"].split(",")) - len(p["novel"].split(","))
+    n_all = len(p["categories"].split(","))
+    z = clip.get("zero_shot", {})
+    teacher = results.get("teacher", {})
+    return ["# RegionCLIP in the synthetic world", "",
+            f"World: {p['num_train']} training images of {p['image_size']} px, {n_all} shapes ({n_base} base, "
+            f"{n_all - n_base} novel without training boxes: {p['novel'].replace(',', ', ')}); seed {seed}. "
+            f"Total time {results['total_s'] / 60:.1f} min.", "",
+            "| initialisation | zero-shot GT-box acc. novel | base | all | transfer AP50 novel | base | all |",
+            "|---|---|---|---|---|---|---|"] + rows + [
+            "", f"Zero-shot: top-1 accuracy of classifying the test split's ground-truth boxes among all {n_all} "
+            "shapes (mean of per-class accuracy, chance "
+            f"{100 / n_all:.1f}%). Transfer: detectors trained {p['transfer_iters']} iterations on base-class "
+            f"boxes with the frozen RPN branch, evaluated on all {n_all} classes (mean of per-class AP50).", "",
+            "What the teacher knows:",
+            f"- whole-image shape accuracy {_pct(z.get('accuracy', float('nan')))}% on {z.get('n', 0)} held-out "
+            f"single-object images (novel shapes {_pct(z.get('accuracy_novel', float('nan')))}%); image-to-caption "
+            f"retrieval top-1 {_pct(clip.get('retrieval_top1', float('nan')))}% (chance "
+            f"{_pct(clip.get('retrieval_chance', float('nan')))}%);",
+            f"- on ground-truth RoIs (RoIAlign on res4, res5, attention pool): "
+            f"{zs['world CLIP']['acc-all']:.1f}% (novel {zs['world CLIP']['acc-novel']:.1f}%);",
+            f"- its pseudo labels on {teacher.get('regions', 0)} RPN regions overlapping a ground-truth box "
+            f"(IoU >= 0.5): {teacher.get('accuracy', float('nan')):.1f}% name the right shape "
+            f"(novel {teacher.get('accuracy-novel', float('nan')):.1f}%, base "
+            f"{teacher.get('accuracy-base', float('nan')):.1f}%).", "",
+            f"Concept pool: {results['concepts']} concepts.", "",
+            "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in results["timings_s"].items()),
+            "", f"Visualised detections: {results['demo_dir']}"]
+
+
+def plot_results(results: Dict, path: str):
+    zs, tr = results["zero_shot"], results["transfer"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, (title, key_fmt, data) in zip(axes, (("zero-shot GT-box accuracy (%)", "acc-{}", zs),
+                                                     ("transfer AP50", "AP50-{}", tr))):
+            splits = ["novel", "base", "all"]
+            for i, label in enumerate(("world CLIP", "RegionCLIP student")):
+                vals = [data[label][key_fmt.format(s)] for s in splits]
+                ax.bar([j + 0.38 * i for j in range(3)], vals, width=0.36, label=label)
+            ax.set_xticks([j + 0.19 for j in range(3)], splits)
+            ax.set_title(title)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    except Exception as e:  # the table is the result; the plot is a convenience
+        logger.warning("could not draw the plot: %s", e)
+

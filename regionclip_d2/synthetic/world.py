@@ -145,6 +145,10 @@ class WorldConfig:
             other counts are uniform in ``max(2, min_objects)..max_objects``.
         min_size, max_size: object diameter (circumscribed circle, px); default 20% and 50%
             of ``image_size``.
+        single_min_size, single_max_size: object diameter in single-object images (default:
+            ``min_size``, ``max_size``). Larger values make those images object-centric, like
+            the photos CLIP learns from, so that the whole-image view of an object resembles
+            the region view a detector pools.
         min_visible: an earlier object keeps at least this fraction of its pixels visible
             when later objects are drawn over it (mild occlusion).
         max_box_overlap: two objects' boxes may share at most this fraction of the smaller
@@ -163,6 +167,8 @@ class WorldConfig:
     single_object_prob: float = 0.45
     min_size: Optional[int] = None
     max_size: Optional[int] = None
+    single_min_size: Optional[int] = None
+    single_max_size: Optional[int] = None
     min_visible: float = 0.7
     max_box_overlap: float = 0.35
     colour_prob: float = 0.5
@@ -178,6 +184,10 @@ class WorldConfig:
             self.min_size = int(round(0.2 * self.image_size))
         if self.max_size is None:
             self.max_size = int(round(0.5 * self.image_size))
+        if self.single_min_size is None:
+            self.single_min_size = self.min_size
+        if self.single_max_size is None:
+            self.single_max_size = self.max_size
         self.validate()
 
     @property
@@ -223,6 +233,10 @@ class WorldConfig:
         if self.max_size > s:
             raise WorldConfigError(f"max_size={self.max_size} px is larger than the image ({s} px): "
                                    f"use max_size <= image_size (default {int(round(0.5 * s))})")
+        if not 8 <= self.single_min_size <= self.single_max_size <= s:
+            raise WorldConfigError(f"single-object sizes single_min_size={self.single_min_size}, single_max_size="
+                                   f"{self.single_max_size} px are invalid: need 8 <= single_min_size <= "
+                                   f"single_max_size <= image_size ({s})")
         # Objects of the smallest size cover about (pi/4) min_size^2 each; with at most
         # 30% occluded they need that much free area: refuse counts that cannot fit.
         need = self.max_objects * 0.7 * (math.pi / 4) * self.min_size ** 2
@@ -359,19 +373,20 @@ def render_image(cfg: WorldConfig, rng: np.random.Generator, keep_masks: bool = 
     placed = []
     boxes: List[Tuple[int, int, int, int]] = []
     color_names = list(cfg.colors)
+    lo_size, hi_size = (cfg.single_min_size, cfg.single_max_size) if n == 1 else (cfg.min_size, cfg.max_size)
     for _ in range(n):
         shape = cfg.categories[int(rng.integers(len(cfg.categories)))]
         color = color_names[int(rng.integers(len(color_names)))]
-        size = rng.uniform(cfg.min_size, cfg.max_size)
+        size = rng.uniform(lo_size, hi_size)
         angle = rng.uniform(0, 2 * math.pi)
         aspect = rng.uniform(0.9, 1.1)  # mild: a stretched square must not pass for a diamond
         for attempt in range(30):
             if attempt and attempt % 6 == 0:
-                size = max(cfg.min_size, size * 0.85)
+                size = max(lo_size, size * 0.85)
             m = _shape_mask(shape, size, angle, aspect)
             h, w = m.shape
             if h > s or w > s:
-                size = max(cfg.min_size, size * 0.85)
+                size = max(lo_size, size * 0.85)
                 continue
             y0, x0 = int(rng.integers(0, s - h + 1)), int(rng.integers(0, s - w + 1))
             if any(_box_overlap((x0, y0, w, h), b) > cfg.max_box_overlap for b in boxes):

@@ -263,3 +263,30 @@ def test_vocabulary_names_are_reembedded_after_loading_weights(tiny_clip_config,
     model(x)
     after = model.roi_heads.box_predictor.train_embeddings
     assert not torch.allclose(before, after)  # the new language encoder embedded the names again
+
+
+@pytest.mark.parametrize("config", [C4_GT, "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_FPN_zsinf_GT.yaml"])
+def test_encode_boxes_is_what_the_detector_scores(config, tiny_clip_config):
+    """``encode_boxes`` (C4 and FPN) gives the embeddings whose cosines with the vocabulary
+    are the detector's logits on the same boxes (GT mode, boxes used as given)."""
+    model = tiny_model(config, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    boxes = [[4.0, 6.0, 60.0, 50.0], [30.0, 20.0, 90.0, 80.0]]
+    x = image_input(96, 128, boxes=boxes)
+    emb = model.encode_boxes([x], [torch.tensor(boxes)])[0]
+    assert emb.shape == (2, 64)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    pred = model.roi_heads.box_predictor
+    probs = pred.classify(emb).softmax(-1)
+    with torch.no_grad():
+        images = model.preprocess_image([x])
+        features = model.backbone(images.tensor)
+        regions = model.get_regions([x])
+        feats = model.roi_heads.encode_boxes(features, [r.proposal_boxes for r in regions], model.region_encoder())
+        logits, _ = pred(feats) if config == C4_GT else pred(model.roi_heads.box_head(
+            model.roi_heads.box_pooler([features[f] for f in model.roi_heads.box_in_features],
+                                       [r.proposal_boxes for r in regions])))
+    torch.testing.assert_close(probs, logits.softmax(-1), atol=1e-5, rtol=1e-4)
+    # a Boxes object works as well, and an image-count mismatch is a clear error
+    torch.testing.assert_close(model.encode_boxes([x], [Boxes(torch.tensor(boxes))])[0], emb)
+    with pytest.raises(ValueError, match="one per image"):
+        model.encode_boxes([x, x], [torch.tensor(boxes)])

@@ -160,3 +160,34 @@ def test_cli(trained, tmp_path):
     r = subprocess.run([sys.executable, "tools/train_world_clip.py", "--world-dir", str(tmp_path / "nowhere"),
                         "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "make_synthetic_ovd.py" in r.stderr
+
+
+def test_random_zoom_crops_and_keeps_size():
+    from regionclip_d2.synthetic.clip_training import random_zoom
+
+    g = torch.Generator().manual_seed(0)
+    # a horizontal ramp: a zoomed crop spans a narrower range of values than the whole image
+    ramp = torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(6, 3, 64, 64).contiguous()
+    out = random_zoom(ramp, prob=1.0, min_scale=0.5, generator=g)
+    assert out.shape == ramp.shape
+    spans = (out[:, 0, 0, -1] - out[:, 0, 0, 0])
+    assert (spans < 0.99).all() and (spans > 0.45).all()
+    assert torch.equal(random_zoom(ramp, prob=0.0, min_scale=0.5, generator=g), ramp)
+    kept = random_zoom(ramp, prob=0.5, min_scale=0.5, generator=torch.Generator().manual_seed(3))
+    same = [(kept[i] == ramp[i]).all().item() for i in range(6)]
+    assert any(same) and not all(same)
+
+
+def test_bf16_is_used_only_where_the_cpu_has_it(monkeypatch, tmp_path):
+    import builtins
+
+    from regionclip_d2.synthetic import clip_training
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"flags\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p,
+                                                                           *a, **k))
+        assert clip_training.cpu_has_fast_bf16() is expected
+        monkeypatch.setattr(builtins, "open", real_open)

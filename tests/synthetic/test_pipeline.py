@@ -22,11 +22,12 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_ran(tiny_run):
     out, stdout = tiny_run
-    for i in range(1, 11):
-        assert f"{i}/10" in stdout
+    for i in range(1, 12):
+        assert f"{i}/11" in stdout
     for path in ("world/world.json", "world_clip/world_clip.pt", "concepts/concepts.txt",
                  "concepts/concept_embeddings.pth", "classes/base.pth", "classes/all.pth", "rpn/model_final.pth",
                  "pretrain/model_final.pth", "transfer/world/model_final.pth", "transfer/regionclip/model_final.pth",
+                 "transfer/world_fpn/model_final.pth",
                  "results.md", "results.json", "results.png"):
         assert (out / path).is_file(), path
     assert len(list((out / "demo").glob("*.jpg"))) == 2
@@ -42,8 +43,13 @@ def test_results_table(tiny_run):
         for key in ("AP50-novel", "AP50-base", "AP50-all"):
             assert math.isnan(t[key]) or 0.0 <= t[key] <= 100.0
         assert z["boxes"] > 0
+    t = res["transfer"]["world CLIP, FPN"]
+    assert all(math.isnan(t[k]) or 0.0 <= t[k] <= 100.0 for k in ("AP50-novel", "AP50-base", "AP50-all"))
+    teacher = res["teacher"]
+    assert teacher["regions"] >= 0 and (math.isnan(teacher["accuracy"]) or 0 <= teacher["accuracy"] <= 100)
     table = (out / "results.md").read_text()
-    assert "| world CLIP |" in table and "| RegionCLIP student |" in table
+    assert "| world CLIP |" in table and "| RegionCLIP student |" in table and "| world CLIP, FPN (ours) |" in table
+    assert "pseudo labels on" in table
 
 
 def test_pretraining_moved_the_student_and_demo_names_novel_classes(tiny_run):
@@ -57,3 +63,14 @@ def test_pretraining_moved_the_student_and_demo_names_novel_classes(tiny_run):
     names = {c["name"] for c in json.loads((out / "world" / "world.json").read_text())["categories"]}
     assert all(d["class_name"] in names for d in dets["detections"])
     assert not dets["random_weights"]
+
+
+def test_overrides_are_typed_and_checked():
+    from regionclip_d2.synthetic.pipeline import parse_overrides
+
+    assert parse_overrides(["clip_steps=800", "clip_lr=0.001", "pretrain_regions=GRID"]) == {
+        "clip_steps": 800, "clip_lr": 0.001, "pretrain_regions": "GRID"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["no_such_key=1"])
+    with pytest.raises(ValueError, match="must be of type int"):
+        parse_overrides(["clip_steps=many"])

@@ -304,6 +304,29 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
     def region_encoder(self):
         return self.clip_resnet.encode_pooled_regions
 
+    def encode_boxes(self, batched_inputs: List[Dict], boxes: Sequence) -> List[torch.Tensor]:
+        """Embeddings of given boxes, computed as the detector computes region embeddings
+        (C4: res4 RoIAlign, res5, attention pool; FPN: box head and projection).
+
+        Args:
+            batched_inputs: inputs as for ``forward`` (``image`` ``[3, H, W]`` in the model's
+                input format, already resized).
+            boxes: per input, a ``Boxes`` or ``[R_i, 4]`` XYXY tensor in the input image's pixels.
+        Returns:
+            per input, ``[R_i, D]`` L2-normalised embeddings in the text space (compare them
+            with text embeddings by a dot product).
+        """
+        if len(boxes) != len(batched_inputs):
+            raise ValueError(f"{len(boxes)} box sets for {len(batched_inputs)} images: give one per image")
+        boxes = [b if isinstance(b, Boxes) else Boxes(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4))
+                 for b in boxes]
+        boxes = [b.to(self.device) for b in boxes]
+        with torch.no_grad():
+            images = self.preprocess_image(batched_inputs)
+            features = self.backbone(images.tensor)
+            emb = self.roi_heads.encode_boxes(features, boxes, region_encoder=self.region_encoder())
+        return list(torch.nn.functional.normalize(emb.float(), dim=-1).split([len(b) for b in boxes]))
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         if self._stale_vocab:

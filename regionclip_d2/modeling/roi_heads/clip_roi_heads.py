@@ -73,6 +73,13 @@ class CLIPRes5ROIHeads(ROIHeads):
         level = self.pooler.level_poolers[0]
         return torch.cat([region_encoder(level(x[0], rois[i:i + chunk])) for i in range(0, n, chunk)], dim=0)
 
+    def encode_boxes(self, features, boxes, region_encoder: Callable = None) -> torch.Tensor:
+        """``[R, D]`` text-space embeddings (not normalised) of ``boxes`` (a list of Boxes,
+        one per image), exactly as the detector scores regions."""
+        if region_encoder is None:
+            raise ValueError("CLIPRes5ROIHeads needs region_encoder (the backbone's res5 + attention pool)")
+        return self.box_predictor.embed(self.region_features(features, boxes, region_encoder))
+
     def forward(self, images, features, proposals: List[Instances], targets=None, *,
                 region_encoder: Callable = None):
         if region_encoder is None:
@@ -99,6 +106,12 @@ class CLIPStandardROIHeads(StandardROIHeads):
         thread_roi_align(ret["box_pooler"])
         ret["box_predictor"] = OpenVocabularyPredictor(cfg, ret["box_head"].output_shape)
         return ret
+
+    def encode_boxes(self, features, boxes, region_encoder: Callable = None) -> torch.Tensor:
+        """``[R, D]`` text-space embeddings (not normalised) of ``boxes`` (a list of Boxes,
+        one per image): multi-level RoIAlign, the box head, the predictor's projection."""
+        x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
+        return self.box_predictor.embed(self.box_head(x))
 
     def forward(self, images, features, proposals, targets=None, *, region_encoder=None):
         return super().forward(images, features, proposals, targets)

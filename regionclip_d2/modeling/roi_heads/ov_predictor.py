@@ -123,22 +123,35 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         return self._active()[1]
 
     # ---- forward ----
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Region features (``[R, D]`` or ``[R, C, H, W]`` from a box head) -> ``[R, D]``
+        embeddings in the text space (not normalised): the learned projection where the
+        features are not already there (FPN), else the features themselves (C4)."""
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        return self.projection(x) if self.projection is not None else x
+
+    def classify(self, emb: torch.Tensor) -> torch.Tensor:
+        """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary
+        (cosines / temperature; background last, its cosine 0)."""
+        vocab, _ = self._active()
+        if vocab.shape[0] == 0:
+            raise NoVocabularyError(
+                "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
+                "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
+        with torch.autocast(emb.device.type, enabled=False):  # the classifier always runs in float32
+            logits = F.normalize(emb.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).t()
+        bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
+        return torch.cat([logits, bg], dim=1) / self.temperature
+
     def forward(self, x: torch.Tensor):
         """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas)."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        emb, _ = self._active()
-        if emb.shape[0] == 0:
-            raise NoVocabularyError(
-                "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
-                "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
+        if self._active()[0].shape[0] == 0:
+            self.classify(x[:0])  # raises the no-vocabulary error before any work
         deltas = self.bbox_pred(x).float()
-        feats = self.projection(x) if self.projection is not None else x
-        with torch.autocast(x.device.type, enabled=False):  # the classifier always runs in float32
-            feats = F.normalize(feats.float(), dim=-1)
-            logits = feats @ F.normalize(emb.float(), dim=-1).t()
-        bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
-        return torch.cat([logits, bg], dim=1) / self.temperature, deltas
+        return self.classify(self.embed(x)), deltas
 
     # ---- training ----
     def losses(self, predictions, proposals):
