@@ -21,6 +21,7 @@ demo-photo: setup
 	$(PY) tools/demo.py --random-weights --input "$$($(PY) -c 'import skimage.data, os; print(os.path.join(os.path.dirname(skimage.data.__file__), "chelsea.png"))')" --output output/demo --vocabulary coco --opts MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST 100 MODEL.CLIP.PROMPT_TEMPLATES single
 
 test: setup
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: setup

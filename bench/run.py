@@ -62,6 +62,7 @@ class StageTimer:
 
 def _build_detector(mode, vocab, regions, opts):
     import torch
+
     from detectron2.modeling import build_model
 
     from regionclip_d2 import get_regionclip_cfg
@@ -84,6 +85,7 @@ def _build_detector(mode, vocab, regions, opts):
 
 def _inputs(h, w, mode, regions):
     import torch
+
     from detectron2.structures import Boxes, Instances
 
     g = torch.Generator().manual_seed(0)
@@ -159,6 +161,7 @@ def child_stock(args):
     import resource
 
     import torch
+
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -194,6 +197,7 @@ def child_stock(args):
 
 def child_train(args):
     import torch
+
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
@@ -213,7 +217,6 @@ def child_train(args):
     else:
         model = _build_detector("RPN", 48, 1000, args.opts)
         model.set_vocabulary(torch.randn(48, 1024), train=True)
-        from detectron2.structures import Boxes, Instances
 
         batch = []
         for _ in range(2):
@@ -238,9 +241,9 @@ def child_train(args):
 def child_vocab(args):
     import torch
 
+    from regionclip_d2.data.vocabularies import load_vocabulary, prompt_name
     from regionclip_d2.modeling.text import build_language_encoder, embed_class_names
     from regionclip_d2.modeling.text.templates import get_templates
-    from regionclip_d2.data.vocabularies import load_vocabulary, prompt_name
 
     torch.set_num_threads(args.threads)
     enc = build_language_encoder("RN50-quickgelu")
@@ -420,10 +423,11 @@ def render(res):
                            "| | | | | | | | | | |")
                 continue
             s = r["stages"]
+            key = (r['size'], r['regions'])
             out.append(f"| {r['mode']} | {r['size']} | {r['vocab']} | {r['actual_regions']} | "
                        f"{fmt(r['e2e']['median_s'])} ({fmt(r['e2e']['min_s'])}-{fmt(r['e2e']['max_s'])}) | "
                        f"{fmt(r['limit']['median_s'])} | {fmt(r['ratio'])} | "
-                       f"{fmt(r['e2e']['median_s'] / stock[(r['size'], r['regions'])]) if (r['size'], r['regions']) in stock else '—'} | "
+                       f"{fmt(r['e2e']['median_s'] / stock[key]) if key in stock else '—'} | "
                        f"{fmt(s.get('rpn_branch'))} | "
                        f"{fmt(s.get('backbone_res4'))} | {fmt(s.get('roialign'))} | {fmt(s.get('res5_attnpool'))} | "
                        f"{fmt(s.get('classifier'), 3)} | {fmt(s.get('postprocess'), 3)} | {r['peak_rss_mib']:.0f} |")
@@ -438,7 +442,8 @@ def render(res):
         out += ["\n## Training step (batch 2, 480x640)\n", "| kind | s / step (min-max) |", "|---|---|"]
         for r in res["train"]:
             out.append(f"| {r['kind']} | failed: {r['error'][:80]} |" if "error" in r else
-                       f"| {r['kind']} | {fmt(r['step']['median_s'])} ({fmt(r['step']['min_s'])}-{fmt(r['step']['max_s'])}) |")
+                       f"| {r['kind']} | {fmt(r['step']['median_s'])} "
+                       f"({fmt(r['step']['min_s'])}-{fmt(r['step']['max_s'])}) |")
     if res["vocab"]:
         out += ["\n## Vocabulary embedding (80 templates)\n",
                 "| classes | prompts | embed_class_names prompts/s | bare encode_text prompts/s | time ratio |",

@@ -35,11 +35,11 @@ def get_regionclip_cfg(config_file: str = None, opts=None):
     return cfg
 
 
+from .checkpoint import RegionCLIPCheckpointer  # noqa: E402
+from .data.vocabularies import load_vocabulary  # noqa: E402
 from .modeling import backbone as _backbone  # noqa: E402,F401  (registration)
 from .modeling import meta_arch as _meta_arch  # noqa: E402,F401  (registration)
 from .modeling import roi_heads as _roi_heads  # noqa: E402,F401  (registration)
-from .checkpoint import RegionCLIPCheckpointer  # noqa: E402
-from .data.vocabularies import load_vocabulary  # noqa: E402
 from .modeling.meta_arch import CLIPFastRCNN  # noqa: E402
 from .modeling.text import embed_class_names  # noqa: E402
 

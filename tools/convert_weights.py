@@ -30,6 +30,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
     from detectron2.modeling import build_model
 
     from regionclip_d2 import get_regionclip_cfg

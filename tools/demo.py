@@ -58,6 +58,7 @@ def main(argv=None):
     files = list_inputs(args.input)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.logger import setup_logger
@@ -85,7 +86,8 @@ def main(argv=None):
     cfg.MODEL.CLIP.OPENSET_TEST_VOCABULARY = ""
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(names)
     random = not cfg.MODEL.WEIGHTS and not cfg.MODEL.CLIP.CLIP_WEIGHTS
-    rpn_random = cfg.MODEL.CLIP.CROP_REGION_TYPE == "RPN" and not cfg.MODEL.CLIP.BB_RPN_WEIGHTS and not cfg.MODEL.WEIGHTS
+    rpn_random = (cfg.MODEL.CLIP.CROP_REGION_TYPE == "RPN" and not cfg.MODEL.CLIP.BB_RPN_WEIGHTS
+                  and not cfg.MODEL.WEIGHTS)
     if (random or rpn_random) and not args.random_weights:
         raise SystemExit("demo: no weights given (MODEL.WEIGHTS / MODEL.CLIP.CLIP_WEIGHTS"
                          + (", MODEL.CLIP.BB_RPN_WEIGHTS" if rpn_random else "") + "). Pass them with --opts, "

@@ -88,8 +88,13 @@ def main(argv=None):
         ap.error(f"--model-config {args.model_config!r} does not exist")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from regionclip_d2.data.concepts import (CaptionFormatError, NLTKDataError, build_concept_pool, format_stats,
-                                             write_concepts)
+    from regionclip_d2.data.concepts import (
+        CaptionFormatError,
+        NLTKDataError,
+        build_concept_pool,
+        format_stats,
+        write_concepts,
+    )
 
     t0 = time.time()
     try:

@@ -112,8 +112,9 @@ def report(runs, ablations, args, seconds):
           "| initialisation | zero-shot GT-box acc. novel | base | all | transfer AP50 novel | base | all |",
           "|---|---|---|---|---|---|---|"]
     for label, key in ROWS:
-        cells = [fmt(mean_std([runs[s]["zero_shot"][key][f"acc-{k}"] for s in seeds])) for k in ("novel", "base", "all")]
-        cells += [fmt(mean_std([runs[s]["transfer"][key][f"AP50-{k}"] for s in seeds])) for k in ("novel", "base", "all")]
+        splits = ("novel", "base", "all")
+        cells = [fmt(mean_std([runs[s]["zero_shot"][key][f"acc-{k}"] for s in seeds])) for k in splits]
+        cells += [fmt(mean_std([runs[s]["transfer"][key][f"AP50-{k}"] for s in seeds])) for k in splits]
         md.append(f"| {label} | " + " | ".join(cells) + " |")
     diffs = {k: mean_std([runs[s]["zero_shot"]["RegionCLIP student"][f"acc-{k}"]
                           - runs[s]["zero_shot"]["world CLIP"][f"acc-{k}"] for s in seeds]) for k in ("novel", "all")}
@@ -126,10 +127,11 @@ def report(runs, ablations, args, seconds):
     if ablations:
         s0 = seeds[0]
         full = runs[s0]["zero_shot"]["RegionCLIP student"]
+        teacher = runs[s0]["zero_shot"]["world CLIP"]
         md += ["", f"Ablations (seed {s0}; pretraining changed, then zero-shot GT-box accuracy):", "",
                "| setting | zero-shot acc. novel | base | all |", "|---|---|---|---|",
-               f"| world CLIP (no pretraining) | {runs[s0]['zero_shot']['world CLIP']['acc-novel']:.1f} | "
-               f"{runs[s0]['zero_shot']['world CLIP']['acc-base']:.1f} | {runs[s0]['zero_shot']['world CLIP']['acc-all']:.1f} |",
+               f"| world CLIP (no pretraining) | {teacher['acc-novel']:.1f} | {teacher['acc-base']:.1f} | "
+               f"{teacher['acc-all']:.1f} |",
                f"| contrastive + distillation + image-text, RPN regions (default) | {full['acc-novel']:.1f} | "
                f"{full['acc-base']:.1f} | {full['acc-all']:.1f} |"]
         for name, _ in ABLATIONS:

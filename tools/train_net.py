@@ -13,7 +13,6 @@ starts N CPU processes (gloo).
 """
 import logging
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -82,8 +82,10 @@ def main(argv=None):
         model_cfg = get_clip_model_config("", args.model_config)
     metrics = train_world_clip(
         args.world_dir, args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, bf16=False if args.no_bf16 else {"auto": None, "on": True, "off": False}[args.bf16],
-        channels_last=not args.no_channels_last, math_attention=not args.no_math_attention, zoom_prob=args.zoom_prob, zoom_min_scale=args.zoom_min_scale,
+        weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed,
+        bf16=False if args.no_bf16 else {"auto": None, "on": True, "off": False}[args.bf16],
+        channels_last=not args.no_channels_last, math_attention=not args.no_math_attention,
+        zoom_prob=args.zoom_prob, zoom_min_scale=args.zoom_min_scale,
         context_length=args.context_length, model_cfg=model_cfg,
         max_train_images=args.max_train_images,
         eval_split=None if args.eval_split.lower() == "none" else args.eval_split,

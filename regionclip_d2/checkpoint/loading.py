@@ -16,8 +16,16 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 
-from .formats import (VOCABULARY_KEYS, CheckpointFormatError, clip_to_detector_keys, detect_format,
-                      load_state_dict_file, read_checkpoint, rpn_to_offline_keys, unwrap_state_dict)
+from .formats import (
+    VOCABULARY_KEYS,
+    CheckpointFormatError,
+    clip_to_detector_keys,
+    detect_format,
+    load_state_dict_file,
+    read_checkpoint,
+    rpn_to_offline_keys,
+    unwrap_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +142,8 @@ def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str,
     if missing:
         top, keys = max(missing.items(), key=lambda kv: len(kv[1]))
         raise CheckpointFormatError(
-            f"{source} provides {top + '*' if top else 'weights'} but lacks {len(keys)} of its weights (e.g. {keys[:5]}): the file is "
+            f"{source} provides {top + '*' if top else 'weights'} but lacks {len(keys)} of its weights "
+            f"(e.g. {keys[:5]}): the file is "
             "incomplete or from a different architecture; set MODEL.CLIP.OPENCLIP_MODEL to match it")
     matched = sum(covered.values())
     if sd and not matched:

@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
-from detectron2.structures import BoxMode
 
 from .vocabularies import COCO_OVD_NOVEL
 

@@ -41,11 +41,11 @@ PROFILES = {
                  max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.3,
                  categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
                  novel="heart,moon,bolt,frame",
-                 clip_steps=400, clip_batch=128, clip_lr=0.004, min_count=30,
-                 rpn_iters=60, rpn_batch=16,
-                 pretrain_iters=150, pretrain_batch=16, pretrain_lr=0.002, pretrain_regions="RPN",
+                 clip_steps=380, clip_batch=128, clip_lr=0.004, min_count=30,
+                 rpn_iters=50, rpn_batch=16,
+                 pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.002, pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
-                 transfer_iters=250, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
+                 transfer_iters=230, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
                  demo_images=4, demo_threshold=0.5),
     # the test suite: every stage, tiny
     "tiny": dict(num_train=48, num_val=8, num_test=12, image_size=96, max_objects=3, min_size=30,
@@ -61,7 +61,9 @@ PROFILES = {
 }
 
 TRANSFER_ROWS = (("world CLIP", "world", "C4"), ("RegionCLIP student", "regionclip", "C4"),
-                 ("world CLIP, FPN", "world_fpn", "FPN"))
+                 ("world CLIP, FPN", "world_fpn", "FPN"), ("RegionCLIP student, FPN", "regionclip_fpn", "FPN"))
+TRANSFER_CONFIGS = {"C4": "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml",
+                    "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml"}
 
 
 def parse_overrides(pairs: List[str], profile: str = "demo") -> Dict:
@@ -221,6 +223,7 @@ class Pipeline:
         head noun compared with the class name) on the RPN regions of the test split that
         overlap a ground-truth box with IoU >= 0.5."""
         import torch
+
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from detectron2.modeling import build_model
 
@@ -259,6 +262,7 @@ class Pipeline:
         """Region classification on GT boxes of the test split: world CLIP (``teacher``) vs
         student; with ``eval_tool`` also zero-shot detection AP50 through tools/train_net.py."""
         import torch
+
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from detectron2.modeling import build_model
 
@@ -290,8 +294,9 @@ class Pipeline:
                 continue
             # the same through the public evaluation tool: zero-shot detection AP50 with GT boxes
             out = os.path.join(self.out, "zeroshot", label.split()[0].lower())
-            self.tool("train_net.py", ["--eval-only", "--config-file", "configs/synthetic/CLIP_fast_rcnn_world_zsinf_GT.yaml",
-                                       "--register", f"world_test={self.ann('test')}:{os.path.join(self.world, 'test')}",
+            self.tool("train_net.py", ["--eval-only", "--config-file",
+                                       "configs/synthetic/CLIP_fast_rcnn_world_zsinf_GT.yaml", "--register",
+                                       f"world_test={self.ann('test')}:{os.path.join(self.world, 'test')}",
                                        "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
                                        "MODEL.CLIP.VOCABULARY", ""] + opts, "zeroshot",
                       log_name=f"zeroshot_{label.split()[0].lower()}")
@@ -304,8 +309,7 @@ class Pipeline:
         returns its novel/base/all AP50 on the test split."""
         p = self.p
         out = os.path.join(self.out, "transfer", tag)
-        config = {"C4": "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml",
-                  "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml"}[arch]
+        config = TRANSFER_CONFIGS[arch]
         self.tool("train_net.py", ["--config-file", config] + self.register_args()
                   + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out,
                      "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
@@ -324,20 +328,21 @@ class Pipeline:
 
     def transfer(self, student_weights):
         rows = [r for r in TRANSFER_ROWS if r[2] == "C4" or self.p["fpn"]]
-        return {label: self.transfer_one(student_weights if tag == "regionclip" else "", tag, arch)
+        return {label: self.transfer_one(student_weights if tag.startswith("regionclip") else "", tag, arch)
                 for label, tag, arch in rows}
 
-    def demo(self, detector_weights):
+    def demo(self, detector_weights, arch: str = "C4"):
         _, novel, all_names = self.names()
         test_dir = os.path.join(self.world, "test")
         images = sorted(os.listdir(test_dir))[: self.p["demo_images"]]
         out = os.path.join(self.out, "demo")
-        self.tool("demo.py", ["--config-file", "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml", "--input"]
+        self.tool("demo.py", ["--config-file", TRANSFER_CONFIGS[arch], "--input"]
                   + [os.path.join(test_dir, i) for i in images]
                   + ["--output", out, "--vocabulary", "custom", "--custom-vocabulary", ",".join(all_names),
                      "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts", "MODEL.WEIGHTS",
                      detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights]
-                  + self.size_args() + self.pool_args() + self.class_args() + self.model_args(), "demo")
+                  + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
+                  + self.model_args(), "demo")
         return out
 
     # ------------------------------------------------------------------ all
@@ -352,10 +357,12 @@ class Pipeline:
         student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
         zs = self._stage("8/11 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))
         tr = self._stage("9/11 transfer: detectors on base classes", lambda: self.transfer(student))
+        # the pictures show the RegionCLIP student's detector, the FPN one where it was trained
+        shown = "RegionCLIP student, FPN" if "RegionCLIP student, FPN" in tr else "RegionCLIP student"
         demo_dir = self._stage("10/11 demo: DefaultPredictor with novel classes",
-                               lambda: self.demo(tr["RegionCLIP student"]["weights"]))
+                               lambda: self.demo(tr[shown]["weights"], "FPN" if "FPN" in shown else "C4"))
         results = {"profile": self.p, "seed": self.seed, "world_clip": clip_metrics, "concepts": len(concepts),
-                   "teacher": teacher, "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir,
+                   "teacher": teacher, "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir, "demo_detector": shown,
                    "timings_s": self.timings, "total_s": time.time() - t0}
         self._stage("11/11 report: table and plot", lambda: self.report(results))
         results["total_s"] = time.time() - t0
@@ -405,10 +412,11 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
         z, t = zs[label], tr[label]
         rows.append(f"| {label} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} | "
                     f"{t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | {t['AP50-all']:.1f} |")
-    if "world CLIP, FPN" in tr:
-        t = tr["world CLIP, FPN"]
-        rows.append(f"| world CLIP, FPN (ours) | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
-                    f"{t['AP50-all']:.1f} |")
+    for label in ("world CLIP, FPN", "RegionCLIP student, FPN"):
+        if label in tr:
+            t = tr[label]
+            rows.append(f"| {label} (ours) | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
+                        f"{t['AP50-all']:.1f} |")
     n_base = len(p["categories"].split(",")) - len(p["novel"].split(","))
     n_all = len(p["categories"].split(","))
     z = clip.get("zero_shot", {})
@@ -436,7 +444,8 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
             f"{teacher.get('accuracy-base', float('nan')):.1f}%).", "",
             f"Concept pool: {results['concepts']} concepts.", "",
             "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in results["timings_s"].items()),
-            "", f"Visualised detections: {results['demo_dir']}"]
+            "", f"Visualised detections ({results.get('demo_detector', 'RegionCLIP student')} detector, "
+            f"score >= {p['demo_threshold']}): {results['demo_dir']}"]
 
 
 def plot_results(results: Dict, path: str):

@@ -7,12 +7,17 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from regionclip_d2.checkpoint import (CheckpointFormatError, RegionCLIPCheckpointer, detect_format,
-                                     load_clip_weights, read_checkpoint)
-from helpers import tiny_model
+from regionclip_d2.checkpoint import (
+    CheckpointFormatError,
+    RegionCLIPCheckpointer,
+    detect_format,
+    load_clip_weights,
+    read_checkpoint,
+)
 
 C4_GT = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
 C4_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"

@@ -9,8 +9,13 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from regionclip_d2 import get_regionclip_cfg
-from regionclip_d2.data.captions import (BadImageError, CaptionDatasetMapper, build_caption_train_loader,
-                                         load_caption_dicts, register_caption_dataset)
+from regionclip_d2.data.captions import (
+    BadImageError,
+    CaptionDatasetMapper,
+    build_caption_train_loader,
+    load_caption_dicts,
+    register_caption_dataset,
+)
 from regionclip_d2.data.loader import BadSampleError, SafeMappedDataset
 
 SIZES = {"a.png": (40, 60), "b.png": (30, 50), "c.png": (36, 48)}  # (h, w): all landscape (one aspect group)

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from regionclip_d2.data import concepts as C
-from regionclip_d2.data.concepts import (CaptionFormatError, build_concept_pool, count_concepts, detect_format,
-                                         filter_concepts, parse_caption, read_captions, read_concepts, singularize)
+from regionclip_d2.data.concepts import (
+    CaptionFormatError,
+    build_concept_pool,
+    count_concepts,
+    detect_format,
+    filter_concepts,
+    parse_caption,
+    read_captions,
+    read_concepts,
+    singularize,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -5,15 +5,20 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import make_coco
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from helpers import make_coco
 from regionclip_d2 import get_regionclip_cfg
 from regionclip_d2.data.datasets import register_coco_format
-from regionclip_d2.data.loader import (BadSampleError, ResumableTrainLoader, SafeMappedDataset, _IndexStream,
-                                       build_resumable_train_loader)
+from regionclip_d2.data.loader import (
+    BadSampleError,
+    ResumableTrainLoader,
+    SafeMappedDataset,
+    _IndexStream,
+    build_resumable_train_loader,
+)
 from regionclip_d2.engine.trainer import RegionCLIPTrainer
 
 

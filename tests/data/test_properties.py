@@ -27,8 +27,14 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 
 from regionclip_d2.data import concepts as C
-from regionclip_d2.data.concepts import (CaptionFormatError, caption_problem, iter_caption_records, new_stats,
-                                         parse_caption, read_captions)
+from regionclip_d2.data.concepts import (
+    CaptionFormatError,
+    caption_problem,
+    iter_caption_records,
+    new_stats,
+    parse_caption,
+    read_captions,
+)
 from regionclip_d2.data.datasets import AnnotationError, check_coco_annotations, register_coco_format
 from regionclip_d2.data.vocabularies import VocabularyError, check_vocabulary, load_vocabulary, read_vocabulary_file
 from regionclip_d2.modeling.losses import cosine_logits, pseudo_labels

@@ -2,8 +2,15 @@ import json
 
 import pytest
 
-from regionclip_d2.data.vocabularies import (BUILTIN_VOCABULARIES, COCO_OVD_BASE, COCO_OVD_NOVEL, VocabularyError,
-                                             load_vocabulary, lvis_categories, prompt_name)
+from regionclip_d2.data.vocabularies import (
+    BUILTIN_VOCABULARIES,
+    COCO_OVD_BASE,
+    COCO_OVD_NOVEL,
+    VocabularyError,
+    load_vocabulary,
+    lvis_categories,
+    prompt_name,
+)
 
 
 @pytest.mark.parametrize("name,size", [("coco", 80), ("coco_ovd_base", 48), ("coco_ovd_novel", 17),

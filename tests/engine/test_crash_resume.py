@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import torch
-
 from helpers import make_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +35,8 @@ def _cmd(tmp_path, tiny_clip_config, out, workers, resume=False):
 def _run(args, crash=None):
     prefix = [sys.executable, "tests/engine/crash_driver.py", *crash] if crash else [sys.executable,
                                                                                       "tools/train_net.py"]
-    r = subprocess.run(prefix + args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = subprocess.run(prefix + args, cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return r.returncode, r.stdout + r.stderr
 
 

@@ -1,9 +1,9 @@
 """SOLVER.OPTIMIZER: detectron2's SGD by default, AdamW on request, a clear error otherwise."""
 import pytest
 import torch
+from helpers import tiny_cfg, tiny_model
 
 from regionclip_d2.engine.trainer import RegionCLIPTrainer
-from helpers import tiny_cfg, tiny_model
 
 C4 = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_ovd.yaml"
 

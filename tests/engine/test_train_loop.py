@@ -79,7 +79,8 @@ def test_nonfinite_loss_skipped_and_counted():
     assert torch.allclose(ref.model.lin.weight, t.model.lin.weight)
     # more skips than allowed: a clear error
     t = _trainer({1: float("nan"), 2: float("inf")}, nonfinite="skip", max_skips=1)
-    with pytest.raises(NonFiniteLossError, match="2 batches with a non-finite loss were skipped.*MAX_NONFINITE_SKIPS=1"):
+    with pytest.raises(NonFiniteLossError,
+                       match="2 batches with a non-finite loss were skipped.*MAX_NONFINITE_SKIPS=1"):
         _run(t, 4)
     with pytest.raises(ValueError, match="NONFINITE_LOSS"):
         _trainer({}, nonfinite="ignore")

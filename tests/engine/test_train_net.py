@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("region_type", ["GT", "RPN"])
 def test_eval_only_zero_shot(tiny_clip_config, tmp_path, region_type):
     ann, images = make_coco(tmp_path)
-    config = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf" + ("_GT" if region_type == "GT" else "") + ".yaml"
+    suffix = "_GT" if region_type == "GT" else ""
+    config = f"configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf{suffix}.yaml"
     out = tmp_path / "out"
     cmd = [sys.executable, "tools/train_net.py", "--eval-only", "--config-file", config,
            "--register", f"toy_val={ann}:{images}",

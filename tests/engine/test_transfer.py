@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import make_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +25,8 @@ def train_cmd(tmp_path, tiny_clip_config, max_iter, extra=(), num_gpus=1, resume
     if resume:
         cmd.append("--resume")
     cmd += ["DATASETS.TRAIN", "('toy_train',)", "DATASETS.TEST", "('toy_test',)", "OUTPUT_DIR", str(tmp_path / "out"),
-            "MODEL.DEVICE", "cpu", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
+            "MODEL.DEVICE", "cpu", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config,
+            "MODEL.CLIP.TEXT_EMB_DIM", "64",
             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
             "MODEL.CLIP.VOCABULARY", "red square,green square,blue square",
             "MODEL.CLIP.OPENSET_TEST_VOCABULARY", ",".join(NAMES), "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", "4",

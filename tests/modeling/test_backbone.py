@@ -8,10 +8,19 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 
 from regionclip_d2 import get_regionclip_cfg
-from regionclip_d2.modeling.backbone import (CLIPResNet, attention_pool, build_clip_resnet_backbone,
-                                             build_clip_resnet_fpn_backbone, interpolate_positional_embedding)
-from regionclip_d2.modeling.clip_model import (UnknownCLIPModelError, build_visual_tower, get_clip_model_config,
-                                               resnet_model_names)
+from regionclip_d2.modeling.backbone import (
+    CLIPResNet,
+    attention_pool,
+    build_clip_resnet_backbone,
+    build_clip_resnet_fpn_backbone,
+    interpolate_positional_embedding,
+)
+from regionclip_d2.modeling.clip_model import (
+    UnknownCLIPModelError,
+    build_visual_tower,
+    get_clip_model_config,
+    resnet_model_names,
+)
 
 # The tolerance of the exactness requirement (README: "Exactness"). Not zero because the
 # region path and open_clip compute the same sums in a different order (FrozenBN's

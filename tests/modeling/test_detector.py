@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import image_input, tiny_cfg, tiny_model
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
@@ -15,7 +16,6 @@ from detectron2.structures import Boxes, Instances
 
 from regionclip_d2 import get_regionclip_cfg
 from regionclip_d2.modeling.roi_heads import NoVocabularyError
-from helpers import image_input, tiny_cfg, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DETECTOR_CONFIGS = sorted(
@@ -138,10 +138,13 @@ def test_no_vocabulary_is_a_clear_error(tiny_clip_config):
 def test_num_classes_mismatch(tiny_clip_config, tmp_path):
     path = tmp_path / "emb.pth"
     torch.save(torch.randn(7, 64), path)
-    with pytest.raises(ValueError, match="7 classes but MODEL.ROI_HEADS.NUM_CLASSES=3: set MODEL.ROI_HEADS.NUM_CLASSES 7"):
+    with pytest.raises(ValueError,
+                       match="7 classes but MODEL.ROI_HEADS.NUM_CLASSES=3: set MODEL.ROI_HEADS.NUM_CLASSES 7"):
         tiny_model(C4_GT, tiny_clip_config, vocabulary=None,
-                   extra=["MODEL.CLIP.VOCABULARY", "", "MODEL.CLIP.TEXT_EMB_PATH", str(path), "MODEL.ROI_HEADS.NUM_CLASSES", 3])
-    with pytest.raises(ValueError, match="MODEL.CLIP.OPENSET_TEST_NUM_CLASSES=5: set MODEL.CLIP.OPENSET_TEST_NUM_CLASSES 7"):
+                   extra=["MODEL.CLIP.VOCABULARY", "", "MODEL.CLIP.TEXT_EMB_PATH", str(path),
+                          "MODEL.ROI_HEADS.NUM_CLASSES", 3])
+    with pytest.raises(ValueError,
+                       match="MODEL.CLIP.OPENSET_TEST_NUM_CLASSES=5: set MODEL.CLIP.OPENSET_TEST_NUM_CLASSES 7"):
         tiny_model(C4_GT, tiny_clip_config, extra=["MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", str(path),
                                                     "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", 5])
     with pytest.raises(ValueError, match="TEXT_EMB_DIM"):
@@ -258,7 +261,8 @@ def test_vocabulary_names_are_reembedded_after_loading_weights(tiny_clip_config,
     x = [image_input(64, 64, boxes=[[0, 0, 30, 30]])]
     model(x)
     before = model.roi_heads.box_predictor.train_embeddings.clone()
-    sd = {k: (v + torch.randn_like(v) if k == "lang_encoder.text_projection" else v) for k, v in model.state_dict().items()}
+    sd = {k: (v + torch.randn_like(v) if k == "lang_encoder.text_projection" else v)
+          for k, v in model.state_dict().items()}
     model.load_state_dict(sd)
     model(x)
     after = model.roi_heads.box_predictor.train_embeddings
@@ -272,6 +276,7 @@ def test_encode_boxes_is_what_the_detector_scores(config, tiny_clip_config):
     model = tiny_model(config, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
     boxes = [[4.0, 6.0, 60.0, 50.0], [30.0, 20.0, 90.0, 80.0]]
     x = image_input(96, 128, boxes=boxes)
+    model.set_vocabulary(["cat", "dog", "ring"])
     emb = model.encode_boxes([x], [torch.tensor(boxes)])[0]
     assert emb.shape == (2, 64)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))

@@ -2,7 +2,6 @@
 res5 in chunks (exact up to float rounding), channels-last (1e-4), bfloat16 (region
 embeddings with cosine >= 0.99 to float32)."""
 import torch
-
 from helpers import image_input, tiny_model
 
 C4_GT = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
@@ -13,7 +12,8 @@ BOXES = [[4, 4, 60, 50], [30, 20, 120, 90], [0, 0, 128, 96], [50, 10, 70, 40], [
 def _detections(model, x):
     """Detections in a canonical order (class, then box), so that equal scores cannot reorder them."""
     inst = model(x)[0]["instances"]
-    keys = [(int(c), *[round(v, 2) for v in b]) for c, b in zip(inst.pred_classes.tolist(), inst.pred_boxes.tensor.tolist())]
+    keys = [(int(c), *[round(v, 2) for v in b])
+            for c, b in zip(inst.pred_classes.tolist(), inst.pred_boxes.tensor.tolist())]
     order = torch.tensor(sorted(range(len(keys)), key=lambda i: keys[i]), dtype=torch.long)
     return inst.pred_boxes.tensor[order], inst.scores[order], inst.pred_classes[order]
 

@@ -1,21 +1,24 @@
 """Region-text pretraining: the losses by hand, pinned values, learning, the gathered
 image-text loss over 2 processes, and the hand-off to CLIPFastRCNN."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import image_input, tiny_model
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from regionclip_d2 import get_regionclip_cfg
-from regionclip_d2.modeling.losses import (cosine_logits, image_text_contrastive_loss, pseudo_labels,
-                                           region_concept_contrastive_loss, region_concept_distillation_loss)
+from regionclip_d2.modeling.losses import (
+    image_text_contrastive_loss,
+    pseudo_labels,
+    region_concept_contrastive_loss,
+    region_concept_distillation_loss,
+)
 from regionclip_d2.modeling.meta_arch.pretrain import grid_boxes, random_boxes
-from helpers import image_input, tiny_model
 
 PRETRAIN = "configs/pretrain/RegionCLIP_RN50.yaml"
 

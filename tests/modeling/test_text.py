@@ -3,8 +3,14 @@ import logging
 import pytest
 import torch
 
-from regionclip_d2.modeling.text import (LanguageEncoder, build_language_encoder, build_tokenizer,
-                                         embed_class_names, get_templates, load_text_embeddings)
+from regionclip_d2.modeling.text import (
+    LanguageEncoder,
+    build_language_encoder,
+    build_tokenizer,
+    embed_class_names,
+    get_templates,
+    load_text_embeddings,
+)
 
 
 @pytest.fixture

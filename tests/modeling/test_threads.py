@@ -16,13 +16,13 @@ from unittest import mock
 
 import numpy as np
 import torch
+from helpers import tiny_cfg
 
 from detectron2.engine import DefaultPredictor
 
 import regionclip_d2.modeling.meta_arch.clip_rcnn as clip_rcnn
 import regionclip_d2.modeling.text.embedding as embedding
 from regionclip_d2.modeling.text import build_language_encoder, embed_class_names
-from helpers import tiny_cfg
 
 C4_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
 THREADS = 4

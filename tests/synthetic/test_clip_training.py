@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from regionclip_d2.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
-from regionclip_d2.synthetic.clip_training import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME,
-                                                   clip_contrastive_loss, load_split_pairs, load_world_clip,
-                                                   preprocess, retrieval_top1, train_world_clip,
-                                                   world_clip_config)
+from regionclip_d2.synthetic.clip_training import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    clip_contrastive_loss,
+    load_split_pairs,
+    load_world_clip,
+    preprocess,
+    retrieval_top1,
+    train_world_clip,
+    world_clip_config,
+)
 from regionclip_d2.synthetic.world import generate_world, load_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -173,9 +181,10 @@ def test_random_zoom_crops_and_keeps_size():
     spans = (out[:, 0, 0, -1] - out[:, 0, 0, 0])
     assert (spans < 0.99).all() and (spans > 0.45).all()
     assert torch.equal(random_zoom(ramp, prob=0.0, min_scale=0.5, generator=g), ramp)
-    kept = random_zoom(ramp, prob=0.5, min_scale=0.5, generator=torch.Generator().manual_seed(3))
-    same = [(kept[i] == ramp[i]).all().item() for i in range(6)]
-    assert any(same) and not all(same)
+    many = ramp[:1].expand(40, 3, 64, 64).contiguous()
+    kept = random_zoom(many, prob=0.5, min_scale=0.5, generator=torch.Generator().manual_seed(0))
+    same = sum((kept[i] == many[i]).all().item() for i in range(40))
+    assert 8 <= same <= 32  # about half are left as they are
 
 
 def test_bf16_is_used_only_where_the_cpu_has_it(monkeypatch, tmp_path):

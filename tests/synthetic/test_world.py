@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from regionclip_d2.synthetic.world import (COLORS, DEFAULT_NOVEL, PLURALS, WorldConfig, WorldConfigError,
-                                           generate_sample, generate_world, load_world, read_captions,
-                                           world_paths)
+from regionclip_d2.synthetic.world import (
+    COLORS,
+    DEFAULT_NOVEL,
+    PLURALS,
+    WorldConfig,
+    WorldConfigError,
+    generate_sample,
+    generate_world,
+    load_world,
+    read_captions,
+    world_paths,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARAMS = dict(image_size=96, seed=3)

@@ -60,7 +60,7 @@ if ! stamp_ok detectron2 "$D2_KEY"; then
 fi
 
 # 3. the rest of the stack and the test tools
-REQS="open_clip_torch==3.3.0 nltk==3.10.4 lvis==0.5.3 pycocotools fvcore pytest pytest-timeout hypothesis scikit-image"
+REQS="open_clip_torch==3.3.0 nltk==3.10.4 lvis==0.5.3 pycocotools fvcore pytest pytest-timeout hypothesis scikit-image ruff==0.17.6"
 if ! stamp_ok deps "$REQS"; then
   log "installing $REQS"
   quiet_pip install $REQS

@@ -22,7 +22,6 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
 from ...data.vocabularies import load_vocabulary
 from ..text import build_language_encoder, embed_class_names, load_text_embeddings
-from ..text.templates import get_templates
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +200,8 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         if c.CROP_REGION_TYPE == "RPN":
             ocfg = build_offline_rpn_cfg(cfg)
             ob = build_backbone(ocfg)
-            ret.update(offline_backbone=ob, offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
+            ret.update(offline_backbone=ob,
+                       offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
                        offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
                        offline_input_format=ocfg.INPUT.FORMAT)
         return ret
@@ -416,7 +416,8 @@ def setup_from_cfg(model: CLIPFastRCNN, cfg):
                          f"{model.embed_dim}")
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for split, path, vocab, key, n_key, n_expected in (
-        ("train", c.TEXT_EMB_PATH, c.VOCABULARY, "MODEL.CLIP.TEXT_EMB_PATH", "MODEL.ROI_HEADS.NUM_CLASSES", num_classes),
+        ("train", c.TEXT_EMB_PATH, c.VOCABULARY, "MODEL.CLIP.TEXT_EMB_PATH", "MODEL.ROI_HEADS.NUM_CLASSES",
+         num_classes),
         ("test", c.OPENSET_TEST_TEXT_EMB_PATH, c.OPENSET_TEST_VOCABULARY, "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH",
          "MODEL.CLIP.OPENSET_TEST_NUM_CLASSES", c.OPENSET_TEST_NUM_CLASSES),
     ):

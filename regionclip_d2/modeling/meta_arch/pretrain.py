@@ -19,8 +19,14 @@ from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
 from ..backbone.clip_resnet import clip_resnet_from_cfg
-from ..losses import (CONTRASTIVE_FORMS, cosine_logits, image_text_contrastive_loss, pseudo_labels,
-                      region_concept_contrastive_loss, region_concept_distillation_loss)
+from ..losses import (
+    CONTRASTIVE_FORMS,
+    cosine_logits,
+    image_text_contrastive_loss,
+    pseudo_labels,
+    region_concept_contrastive_loss,
+    region_concept_distillation_loss,
+)
 from ..text import build_language_encoder, load_text_embeddings
 from .clip_rcnn import TwoBranchInputs, build_offline_rpn_cfg
 
@@ -60,7 +66,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
 
     @configurable
     def __init__(self, *, backbone, teacher_backbone, lang_encoder, roi_heads, offline_backbone=None,
-                 offline_proposal_generator=None, region_type="RPN", concept_emb=None, teacher_concept_emb=None, tau=0.01,
+                 offline_proposal_generator=None, region_type="RPN", concept_emb=None, teacher_concept_emb=None,
+                 tau=0.01,
                  concept_threshold=0.1, num_rpn_regions=300, num_sample_regions=100, grid=(3, 3),
                  num_random_regions=100, image_text=True, gather=False, loss_weights=(1.0, 1.0, 1.0),
                  contrastive_form="official", legacy_padded_image_box=False,
@@ -132,7 +139,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             if c.OFFLINE_RPN_NMS_THRESH:
                 ocfg.MODEL.RPN.NMS_THRESH = c.OFFLINE_RPN_NMS_THRESH
             ob = build_backbone(ocfg)
-            ret.update(offline_backbone=ob, offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
+            ret.update(offline_backbone=ob,
+                       offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
                        offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
                        offline_input_format=ocfg.INPUT.FORMAT)
         ret["setup_cfg"] = cfg
@@ -207,7 +215,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         if not self.training:
             out, start = [], 0
             for r in regions:
-                out.append({"regions": r, "embeddings": torch.nn.functional.normalize(s_feats[start:start + len(r)], dim=-1),
+                emb = torch.nn.functional.normalize(s_feats[start:start + len(r)], dim=-1)
+                out.append({"regions": r, "embeddings": emb,
                             "pseudo_labels": labels[start:start + len(r)]})
                 start += len(r)
             return out

@@ -8,7 +8,7 @@ belong to the backbone (as in the official checkpoints) and are reached through 
 FPN (``CLIPStandardROIHeads``): detectron2's multi-level RoIAlign and box head, then
 the open-vocabulary predictor (a learned projection into the text space).
 """
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 

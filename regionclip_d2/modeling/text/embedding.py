@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import threading
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
