@@ -47,18 +47,12 @@ PROFILES = {
                  pretrain_loss_weights="1,1,1",
                  transfer_iters=230, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
                  demo_images=4, demo_threshold=0.5),
-    # the test suite: every stage, tiny
-    "tiny": dict(num_train=48, num_val=8, num_test=12, image_size=96, max_objects=3, min_size=30,
-                 max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.3,
-                 categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
-                 novel="heart,moon,bolt,frame",
-                 clip_steps=30, clip_batch=16, clip_lr=0.004, min_count=2,
-                 rpn_iters=4, rpn_batch=4,
-                 pretrain_iters=3, pretrain_batch=4, pretrain_lr=0.002, pretrain_regions="RPN",
-                 pretrain_loss_weights="1,1,1",
-                 transfer_iters=4, transfer_batch=4, transfer_lr=0.001, focal=0.5, fpn=1,
-                 demo_images=2, demo_threshold=0.5),
 }
+
+# the test suite: every stage, tiny
+PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16,
+                        min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4, transfer_iters=4,
+                        transfer_batch=4, demo_images=2)
 
 TRANSFER_ROWS = (("world CLIP", "world", "C4"), ("RegionCLIP student", "regionclip", "C4"),
                  ("world CLIP, FPN", "world_fpn", "FPN"), ("RegionCLIP student, FPN", "regionclip_fpn", "FPN"))

@@ -75,3 +75,16 @@ def test_overrides_are_typed_and_checked():
         parse_overrides(["no_such_key=1"])
     with pytest.raises(ValueError, match="must be of type int"):
         parse_overrides(["clip_steps=many"])
+
+
+def test_ablation_reuses_the_run_and_changes_only_pretraining(tiny_run):
+    from regionclip_d2.synthetic.pipeline import Pipeline
+
+    out, _ = tiny_run
+    run = Pipeline(str(out), "tiny", 0)
+    res = run.ablation("grid", {"pretrain_regions": "GRID", "pretrain_loss_weights": "0,1,0"}, zero_shot_only=True)
+    assert set(res) == {"zero_shot"} and 0.0 <= res["zero_shot"]["acc-all"] <= 100.0
+    cfg = (out / "ablations" / "grid" / "pretrain" / "config.yaml").read_text()
+    assert "CROP_REGION_TYPE: GRID" in cfg and "PRETRAIN_IMG_TXT_LEVEL: false" in cfg
+    assert str(out / "world") in cfg  # the run's own world, CLIP and RPN: nothing regenerated
+    assert not (out / "ablations" / "grid" / "world").exists()
