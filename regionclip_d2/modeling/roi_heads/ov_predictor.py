@@ -130,14 +130,19 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
             x = torch.flatten(x, start_dim=1)
         return self.projection(x) if self.projection is not None else x
 
-    def classify(self, emb: torch.Tensor) -> torch.Tensor:
-        """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary
-        (cosines / temperature; background last, its cosine 0)."""
+    def _vocabulary(self) -> torch.Tensor:
+        """The active ``[C, D]`` vocabulary; a clear error when there is none."""
         vocab, _ = self._active()
         if vocab.shape[0] == 0:
             raise NoVocabularyError(
                 "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
                 "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
+        return vocab
+
+    def classify(self, emb: torch.Tensor) -> torch.Tensor:
+        """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary
+        (cosines / temperature; background last, its cosine 0)."""
+        vocab = self._vocabulary()
         with torch.autocast(emb.device.type, enabled=False):  # the classifier always runs in float32
             logits = F.normalize(emb.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).t()
         bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
@@ -147,8 +152,7 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas)."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        if self._active()[0].shape[0] == 0:
-            self.classify(x[:0])  # raises the no-vocabulary error before any work
+        self._vocabulary()  # fail before any work when there is no vocabulary
         deltas = self.bbox_pred(x).float()
         return self.classify(self.embed(x)), deltas
 
