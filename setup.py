@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="RegionCLIP (region-based language-image pretraining) on stock detectron2",
     packages=find_packages(include=["regionclip_d2", "regionclip_d2.*"]),
+    # the repository's configs/ ship inside the package (regionclip_d2/model_zoo/configs links to it)
+    package_data={"regionclip_d2.model_zoo": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "detectron2",  # 0.6; installed by tools/setup/install.sh (patched PyPI sdist)

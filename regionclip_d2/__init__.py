@@ -8,18 +8,19 @@ import os
 
 from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, add_regionclip_config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
-
 
 def resolve_config_path(path: str) -> str:
-    """A config path as given, else relative to the repository root (``configs/...``),
-    else relative to ``configs/``."""
-    for candidate in (path, os.path.join(REPO_ROOT, path), os.path.join(CONFIGS_DIR, path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"config file {path!r} not found (looked in the current folder, {REPO_ROOT} "
-                            f"and {CONFIGS_DIR})")
+    """A config path as given (absolute or relative to the current folder), else one of the
+    configs shipped with the package (``configs/...``, or relative to ``configs/``)."""
+    if os.path.isfile(path):
+        return path
+    from .model_zoo import CONFIGS_DIR, get_config_file
+
+    try:
+        return get_config_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} not found (looked in the current folder and in the "
+                                f"configs shipped with regionclip_d2, {CONFIGS_DIR})") from None
 
 
 def get_regionclip_cfg(config_file: str = None, opts=None):

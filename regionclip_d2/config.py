@@ -31,7 +31,7 @@ def add_regionclip_config(cfg):
     c.GRID_REGIONS = [3, 3]  # GRID regions: rows, columns of the grid over the image
     c.RANDOM_REGIONS = 100  # RANDOM regions: boxes drawn per image
     # --- open-vocabulary classifier ---
-    c.USE_TEXT_EMB_CLASSIFIER = True  # classifier = frozen text embeddings (always true here)
+    c.USE_TEXT_EMB_CLASSIFIER = True  # classifier = frozen text embeddings (the only classifier; False is an error)
     c.TEXT_EMB_PATH = ""  # [C, D] .pth of class text embeddings used in training (and test if no OPENSET)
     c.TEXT_EMB_DIM = 1024  # D, the CLIP joint embedding dimension (1024 RN50, 640 RN50x4)
     c.VOCABULARY = ""  # builtin vocabulary name or names file, embedded on the fly (instead of TEXT_EMB_PATH)
@@ -51,13 +51,12 @@ def add_regionclip_config(cfg):
     c.CHANNELS_LAST = False  # run the CLIP backbone in channels-last memory format (opt-in)
     # --- region-text pretraining ---
     c.PRETRAIN_IMG_TXT_LEVEL = True  # add the image-text contrastive loss
-    c.PRETRAIN_ONLY_EOT = False  # caption embedding from the end-of-text token only
     c.PRETRAIN_RPN_REGIONS = 300  # regions kept per image after the RPN branch's NMS
     c.PRETRAIN_SAMPLE_REGIONS = 100  # regions sampled per image for the losses
     c.GATHER_GPUS = False  # gather image-text pairs across processes for the contrastive loss
     c.CONCEPT_POOL_EMB = ""  # [M, D] .pth of concept embeddings (student side)
     c.CONCEPT_THRES = 0.1  # drop regions whose best teacher concept probability is below this
-    c.TEACHER_RESNETS_DEPTH = 50  # depth flag of the teacher (official: 50 RN50, 200 RN50x4)
+    c.TEACHER_RESNETS_DEPTH = 50  # official depth flag of the teacher (50 RN50, 200 RN50x4); checked, not used
     c.TEACHER_OPENCLIP_MODEL = ""  # open_clip name of the teacher (empty = same as OPENCLIP_MODEL)
     c.TEACHER_CLIP_WEIGHTS = ""  # teacher weights (empty = CLIP_WEIGHTS)
     c.TEACHER_CONCEPT_POOL_EMB = ""  # [M, D_teacher] concept embeddings for the teacher (empty = CONCEPT_POOL_EMB)
@@ -71,4 +70,28 @@ def add_regionclip_config(cfg):
     _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01  # skip unreadable samples; error once more than this fraction failed
     _C.SOLVER.NONFINITE_LOSS = "error"  # on a NaN/inf loss term: error (stop, naming it) | skip (the batch)
     _C.SOLVER.MAX_NONFINITE_SKIPS = 100  # with NONFINITE_LOSS skip: error after skipping more batches than this
+    return cfg
+
+
+# the official TEACHER_RESNETS_DEPTH of each CLIP ResNet (the official code's flag; 200 means RN50x4)
+_TEACHER_DEPTHS = {"RN50": 50, "RN101": 101, "RN50x4": 200, "RN50x16": 300, "RN50x64": 400}
+
+
+def check_config(cfg):
+    """Raise ``ValueError`` for RegionCLIP keys set to values this implementation would ignore.
+
+    Keys kept only so that official yaml files merge (``USE_TEXT_EMB_CLASSIFIER``,
+    ``TEACHER_RESNETS_DEPTH``) must agree with what the model actually does."""
+    c = cfg.MODEL.CLIP
+    if not c.USE_TEXT_EMB_CLASSIFIER:
+        raise ValueError("MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER False: only the text-embedding classifier is "
+                         "implemented; remove the key or set it True")
+    teacher = (c.TEACHER_OPENCLIP_MODEL or c.OPENCLIP_MODEL).replace("-quickgelu", "")
+    depth = _TEACHER_DEPTHS.get(teacher)
+    if depth is not None and not (c.OPENCLIP_MODEL_CONFIG and not c.TEACHER_OPENCLIP_MODEL) \
+            and c.TEACHER_RESNETS_DEPTH != depth:
+        raise ValueError(f"MODEL.CLIP.TEACHER_RESNETS_DEPTH {c.TEACHER_RESNETS_DEPTH} does not match the teacher "
+                         f"{teacher} (depth flag {depth}): the teacher is chosen by MODEL.CLIP.TEACHER_OPENCLIP_MODEL "
+                         f"(empty = MODEL.CLIP.OPENCLIP_MODEL); set TEACHER_RESNETS_DEPTH {depth} or name the "
+                         "teacher you want")
     return cfg

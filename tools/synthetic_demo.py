@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    from regionclip_d2.synthetic.pipeline import PROFILES, Pipeline, parse_overrides
+    from synthetic_pipeline import PROFILES, Pipeline, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_demo", help="output folder (default: %(default)s)")

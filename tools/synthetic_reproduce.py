@@ -57,7 +57,7 @@ def fmt(pair):
 
 
 def main(argv=None):
-    from regionclip_d2.synthetic.pipeline import PROFILES, Pipeline, parse_overrides
+    from synthetic_pipeline import PROFILES, Pipeline, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_reproduce", help="output folder (default: %(default)s)")

@@ -39,6 +39,9 @@ def main(argv=None):
                     help="share of training images replaced by a random zoomed-in crop (default: %(default)s)")
     ap.add_argument("--zoom-min-scale", type=float, default=0.6,
                     help="smallest crop side, as a fraction of the image side (default: %(default)s)")
+    ap.add_argument("--init-logit-scale", type=float, default=None,
+                    help="starting logit scale (1 / temperature) of the contrastive loss, learned from there "
+                         "(default: open_clip's 1/0.07 = 14.3)")
     ap.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bfloat16 autocast: ~1.9x faster on CPUs with native bf16 (AVX-512 BF16, AMX), ~14x "
@@ -85,7 +88,7 @@ def main(argv=None):
         weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed,
         bf16=False if args.no_bf16 else {"auto": None, "on": True, "off": False}[args.bf16],
         channels_last=not args.no_channels_last, math_attention=not args.no_math_attention,
-        zoom_prob=args.zoom_prob, zoom_min_scale=args.zoom_min_scale,
+        zoom_prob=args.zoom_prob, zoom_min_scale=args.zoom_min_scale, init_logit_scale=args.init_logit_scale,
         context_length=args.context_length, model_cfg=model_cfg,
         max_train_images=args.max_train_images,
         eval_split=None if args.eval_split.lower() == "none" else args.eval_split,

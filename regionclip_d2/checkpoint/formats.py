@@ -69,12 +69,25 @@ def read_checkpoint(path: str, trusted: bool = False) -> Dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:
-        if trusted:
-            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0])[:200]
+        if not trusted and _needs_unpickling(e):
+            raise CheckpointFormatError(
+                f"{path!r} cannot be loaded with weights_only=True ({type(e).__name__}: {first}). It holds "
+                "Python objects beyond tensors; load it only if you trust its source: set "
+                "MODEL.CLIP.TRUST_CHECKPOINTS True (or pass --trust)") from e
         raise CheckpointFormatError(
-            f"{path!r} cannot be loaded with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). It holds Python objects beyond tensors; load it only "
-            "if you trust its source: set MODEL.CLIP.TRUST_CHECKPOINTS True (or pass --trust)") from e
+            f"{path!r} ({os.path.getsize(path)} bytes) is not a readable checkpoint: it looks truncated or "
+            f"corrupt ({type(e).__name__}: {first}). Download or copy it again and compare its size or "
+            "checksum with the source's") from e
+
+
+def _needs_unpickling(error: Exception) -> bool:
+    """True when ``torch.load(weights_only=True)`` refused a well-formed file because it holds
+    Python objects (an unsupported global), False for damaged files (truncated archives,
+    bad pickle bytes), which trusting would not fix."""
+    text = str(error)
+    return "Weights only load failed" in text and "GLOBAL" in text
 
 
 def unwrap_state_dict(data) -> Dict[str, torch.Tensor]:

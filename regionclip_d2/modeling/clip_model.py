@@ -77,11 +77,16 @@ def build_text_tower(model_name: str, config_file: str = ""):
 
 def build_full_clip(model_name: str, config_file: str = ""):
     """A whole open_clip ``CLIP`` model (both towers, random weights)."""
-    cfg = get_clip_model_config(model_name, config_file)
+    return build_clip_from_config(get_clip_model_config(model_name, config_file))
+
+
+def build_clip_from_config(cfg: Dict[str, Any]):
+    """A whole open_clip ``CLIP`` (random weights) from a model-config dict (the format of
+    open_clip's ``model_configs/*.json``)."""
     from open_clip.model import CLIP
 
-    return CLIP(**{k: v for k, v in cfg.items() if k in (
-        "embed_dim", "vision_cfg", "text_cfg", "quick_gelu")})
+    return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                quick_gelu=cfg.get("quick_gelu", False))
 
 
 def model_key(model_name: str, config_file: str = "") -> Tuple[str, str]:

@@ -11,7 +11,8 @@ CONTRASTIVE_FORMS = ("official", "paper")
 
 
 def cosine_logits(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
-    """``[N, D]``, ``[M, D]`` -> ``[N, M]`` cosine similarities / ``tau``."""
+    """``[N, D]``, ``[M, D]`` -> ``[N, M]`` cosine similarities / ``tau`` (a float, or a tensor
+    when the temperature is learned, as in CLIP training)."""
     return F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).t() / tau
 
 

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from ..modeling.clip_model import build_clip_from_config
+from ..modeling.losses import image_text_contrastive_loss
+from ..modeling.text.encoder import tokenizer_for_config
 from .world import load_world, read_captions, world_paths
 
 logger = logging.getLogger(__name__)
@@ -55,20 +58,6 @@ def world_clip_config(image_size: int = 128, context_length: int = 24, embed_dim
         "text_cfg": {"context_length": int(context_length), "vocab_size": 49408, "width": int(text_width),
                      "heads": int(text_heads), "layers": int(text_layers)},
     }
-
-
-def build_world_clip(model_cfg: dict):
-    """A randomly initialised open_clip ``CLIP`` from a model-config dict."""
-    from open_clip.model import CLIP
-
-    return CLIP(**{k: model_cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")})
-
-
-def build_tokenizer(model_cfg: dict):
-    """open_clip's ``SimpleTokenizer`` (CLIP BPE, ships with open_clip) for the model's context."""
-    import open_clip
-
-    return open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,15 +133,6 @@ def preprocess(images: torch.Tensor, channels_last: bool = False) -> torch.Tenso
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                          logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of CLIP: features ``[B, D]`` (L2-normalised), ``logit_scale`` = exp of
-    the learned log-temperature; pair i is the positive of row / column i."""
-    logits = logit_scale * image_features.float() @ text_features.float().t()
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-
-
 # ---------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------
@@ -218,9 +198,7 @@ def encode_texts(model, texts: Sequence[str], tokenizer=None, batch_size: int = 
 
 
 def _tokenizer_for(model):
-    import open_clip
-
-    return open_clip.SimpleTokenizer(context_length=model.context_length)
+    return tokenizer_for_config({"text_cfg": {"context_length": model.context_length}})
 
 
 def retrieval_top1(model, images: torch.Tensor, captions: Sequence[str], tokenizer=None,
@@ -380,7 +358,7 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
                      max_train_images: Optional[int] = None, eval_split: Optional[str] = "val",
                      max_eval_images: Optional[int] = 1000, log_every: int = 50, progress: bool = True,
                      save: bool = True, math_attention: bool = True, zoom_prob: float = 0.0,
-                     zoom_min_scale: float = 0.6) -> dict:
+                     zoom_min_scale: float = 0.6, init_logit_scale: Optional[float] = None) -> dict:
     """Train a world CLIP with the symmetric image-text contrastive loss and save it.
 
     Args:
@@ -398,6 +376,8 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
         zoom_prob, zoom_min_scale: the zoom augmentation (:func:`random_zoom`): a share of the
             images is replaced by a random crop of at least ``zoom_min_scale`` of the side, so the
             CLIP also sees objects larger in the frame, as a detector's tight regions show them.
+        init_logit_scale: starting value of the learned logit scale (1 / temperature; open_clip
+            starts at 1/0.07 = 14.3, clamped to 100); None keeps open_clip's.
         eval_split: split for held-out retrieval / zero-shot metrics (None: skip).
         max_eval_images: evaluate on at most this many images of ``eval_split``.
 
@@ -421,13 +401,18 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
     n = images.shape[0]
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training images: lower --batch-size")
-    tokenizer = build_tokenizer(model_cfg)
+    tokenizer = tokenizer_for_config(model_cfg)
     flat = [c for cs in captions for c in cs]
     tokens = tokenizer(flat)
     counts = torch.tensor([len(cs) for cs in captions])
     offsets = torch.cumsum(counts, 0) - counts
 
-    model = build_world_clip(model_cfg)
+    model = build_clip_from_config(model_cfg)
+    if init_logit_scale is not None:
+        if not 1.0 <= init_logit_scale <= 100.0:
+            raise ValueError(f"init_logit_scale={init_logit_scale}: use a value in 1..100 (1 / temperature)")
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(init_logit_scale))
     if channels_last:
         model.visual.to(memory_format=torch.channels_last)
     model.train()
@@ -454,7 +439,7 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
         with _autocast(bf16), _attention_backend(math_attention):
             img_f = model.encode_image(x, normalize=True)
             txt_f = model.encode_text(tokens[pick], normalize=True)
-        loss = clip_contrastive_loss(img_f, txt_f, model.logit_scale.exp())
+        loss = image_text_contrastive_loss(img_f, txt_f, tau=1.0 / model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -478,6 +463,7 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "bf16": bf16,
         "channels_last": channels_last, "math_attention": math_attention,
         "zoom_prob": zoom_prob, "zoom_min_scale": zoom_min_scale, "train_images": n,
+        "init_logit_scale": init_logit_scale,
         "seconds": seconds, "sec_per_step": seconds / steps,
         "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
         "loss_history": history, "logit_scale": model.logit_scale.exp().item(),

@@ -189,3 +189,22 @@ def test_crafted_pickle_is_refused(tmp_path, tiny_clip_config, monkeypatch):
     with pytest.raises(CheckpointFormatError, match="pickle file.*TRUST_CHECKPOINTS"):
         read_checkpoint(str(pkl))
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_truncated_or_corrupt_file_is_not_advised_to_be_trusted(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"backbone.conv1.weight": torch.ones(64, 3, 3, 3)}}, good)
+    data = good.read_bytes()
+    for name, content in (("truncated.pth", data[: len(data) // 2]), ("junk.pth", b"not a checkpoint at all")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointFormatError, match="truncated or corrupt.*Download or copy it again") as e:
+            read_checkpoint(str(path))
+        assert "TRUST" not in str(e.value), "a damaged file must never be advised to be trusted"
+    # the file with an unsupported Python object names the object and does advise trust
+    import argparse
+
+    obj = tmp_path / "obj.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, obj)
+    with pytest.raises(CheckpointFormatError, match="argparse.Namespace.*TRUST_CHECKPOINTS"):
+        read_checkpoint(str(obj))

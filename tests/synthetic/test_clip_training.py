@@ -13,7 +13,6 @@ from regionclip_d2.synthetic.clip_training import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
     METRICS_NAME,
-    clip_contrastive_loss,
     load_split_pairs,
     load_world_clip,
     preprocess,
@@ -112,11 +111,19 @@ def test_preprocess_matches_recognition_branch():
     assert preprocess(img, channels_last=True).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_contrastive_loss():
+def test_world_clip_uses_the_library_loss_with_a_learned_temperature():
+    from regionclip_d2.modeling.losses import image_text_contrastive_loss
+
     f = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
-    assert clip_contrastive_loss(f, f, torch.tensor(100.0)) < 1e-3
-    flat = clip_contrastive_loss(f, f, torch.tensor(0.0))
-    torch.testing.assert_close(flat, torch.log(torch.tensor(8.0)))
+    assert image_text_contrastive_loss(f, f, tau=1.0 / torch.tensor(100.0)) < 1e-3
+    flat = image_text_contrastive_loss(f, f, tau=1.0 / torch.tensor(0.0).exp() / 1e9)
+    assert flat < 1e-3  # a huge scale: perfect pairs cost nothing
+    scale = torch.tensor(0.0, requires_grad=True)  # log scale, as open_clip stores it
+    loss = image_text_contrastive_loss(f, torch.randn(8, 16), tau=1.0 / scale.exp())
+    loss.backward()
+    assert scale.grad is not None and scale.grad.abs() > 0  # the temperature learns through the loss
+    torch.testing.assert_close(image_text_contrastive_loss(f, f, tau=torch.tensor(float("inf"))),
+                               torch.log(torch.tensor(8.0)))
 
 
 class _Stub(torch.nn.Module):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # synthetic_pipeline: the tools' driver, not the library
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_pretraining_moved_the_student_and_demo_names_novel_classes(tiny_run):
 
 
 def test_overrides_are_typed_and_checked():
-    from regionclip_d2.synthetic.pipeline import parse_overrides
+    from synthetic_pipeline import parse_overrides
 
     assert parse_overrides(["clip_steps=800", "clip_lr=0.001", "pretrain_regions=GRID"]) == {
         "clip_steps": 800, "clip_lr": 0.001, "pretrain_regions": "GRID"}
@@ -78,7 +79,7 @@ def test_overrides_are_typed_and_checked():
 
 
 def test_ablation_reuses_the_run_and_changes_only_pretraining(tiny_run):
-    from regionclip_d2.synthetic.pipeline import Pipeline
+    from synthetic_pipeline import Pipeline
 
     out, _ = tiny_run
     run = Pipeline(str(out), "tiny", 0)

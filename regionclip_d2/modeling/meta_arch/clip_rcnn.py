@@ -20,6 +20,7 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ...config import check_config
 from ...data.vocabularies import load_vocabulary
 from ..text import build_language_encoder, embed_class_names, load_text_embeddings
 
@@ -182,6 +183,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.CLIP
+        check_config(cfg)
         backbone = build_backbone(cfg)
         ret = {
             "backbone": backbone,

@@ -18,6 +18,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ...config import check_config
 from ..backbone.clip_resnet import clip_resnet_from_cfg
 from ..losses import (
     CONTRASTIVE_FORMS,
@@ -118,6 +119,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.CLIP
+        check_config(cfg)
         backbone = build_backbone(cfg)
         teacher_name = c.TEACHER_OPENCLIP_MODEL
         teacher = clip_resnet_from_cfg(cfg, ["res4"], model_name=teacher_name or None, freeze_at=5)

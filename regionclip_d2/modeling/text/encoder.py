@@ -84,13 +84,16 @@ class LanguageEncoder(nn.Module):
 
 def build_tokenizer(model_name: str, config_file: str = ""):
     """open_clip's tokenizer for the model (CLIP BPE, shipped with open_clip: no download)."""
+    return tokenizer_for_config(get_clip_model_config(model_name, config_file), model_name or config_file)
+
+
+def tokenizer_for_config(cfg: dict, what: str = "the model"):
+    """open_clip's CLIP BPE tokenizer for a model-config dict's text context length."""
     import open_clip
 
-    cfg = get_clip_model_config(model_name, config_file)
     text_cfg = cfg["text_cfg"]
     if text_cfg.get("hf_tokenizer_name"):
-        raise ValueError(f"{model_name or config_file}: Hugging Face tokenizers need a hub download; "
-                         "use a CLIP BPE text tower")
+        raise ValueError(f"{what}: Hugging Face tokenizers need a hub download; use a CLIP BPE text tower")
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 

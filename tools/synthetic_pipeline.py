@@ -1,4 +1,6 @@
-"""The paper's whole pipeline in the synthetic world, through the public tools only.
+"""The paper's whole pipeline in the synthetic world, through the public tools only (a driver of
+the repository's tools/, used by tools/synthetic_demo.py and tools/synthetic_reproduce.py; not
+part of the installed library).
 
 Stages (each a command-line tool run as a subprocess, as a user would run it):
   1. world       tools/make_synthetic_ovd.py      images, COCO boxes (no novel boxes in train), captions
@@ -30,7 +32,7 @@ from typing import Dict, List
 
 logger = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (this file is in tools/)
 
 WORLD_KEYS = ("image_size", "max_objects", "min_size", "max_size", "single_min_size", "single_max_size",
               "single_object_prob", "colour_prob", "categories", "novel")
@@ -43,7 +45,8 @@ PROFILES = {
                  novel="heart,moon,bolt,frame",
                  clip_steps=380, clip_batch=128, clip_lr=0.004, min_count=30,
                  rpn_iters=50, rpn_batch=16,
-                 pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.002, pretrain_regions="RPN",
+                 pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.002, pretrain_optimizer="SGD",
+                 pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
                  transfer_iters=230, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
                  demo_images=4, demo_threshold=0.5),
@@ -208,7 +211,8 @@ class Pipeline:
                    "MODEL.CLIP.PRETRAIN_LOSS_WEIGHTS", f"[{p['pretrain_loss_weights']}]",
                    "MODEL.CLIP.PRETRAIN_IMG_TXT_LEVEL", float(p["pretrain_loss_weights"].split(",")[2]) > 0,
                    "SOLVER.MAX_ITER", p["pretrain_iters"], "SOLVER.IMS_PER_BATCH", p["pretrain_batch"],
-                   "SOLVER.BASE_LR", p["pretrain_lr"], "SOLVER.STEPS", f"({int(p['pretrain_iters'] * 0.8)},)",
+                   "SOLVER.BASE_LR", p["pretrain_lr"], "SOLVER.OPTIMIZER", p["pretrain_optimizer"],
+                   "SOLVER.STEPS", f"({int(p['pretrain_iters'] * 0.8)},)",
                    "SOLVER.WARMUP_ITERS", min(20, p["pretrain_iters"] // 4)]
                 + self.size_args() + self.pool_args() + self.model_args())
 
@@ -221,10 +225,10 @@ class Pipeline:
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from detectron2.modeling import build_model
 
-        from .. import get_regionclip_cfg
-        from ..data.datasets import register_coco_format
-        from ..data.mappers import build_test_mapper
-        from ..evaluation.region_classification import pseudo_label_accuracy
+        from regionclip_d2 import get_regionclip_cfg
+        from regionclip_d2.data.datasets import register_coco_format
+        from regionclip_d2.data.mappers import build_test_mapper
+        from regionclip_d2.evaluation.region_classification import pseudo_label_accuracy
 
         self._quiet_logs()
         name = f"world_test_{os.getpid()}_{id(self)}"
@@ -260,11 +264,11 @@ class Pipeline:
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from detectron2.modeling import build_model
 
-        from .. import get_regionclip_cfg
-        from ..checkpoint import RegionCLIPCheckpointer
-        from ..data.datasets import register_coco_format
-        from ..data.mappers import build_test_mapper
-        from ..evaluation.region_classification import region_classification_accuracy
+        from regionclip_d2 import get_regionclip_cfg
+        from regionclip_d2.checkpoint import RegionCLIPCheckpointer
+        from regionclip_d2.data.datasets import register_coco_format
+        from regionclip_d2.data.mappers import build_test_mapper
+        from regionclip_d2.evaluation.region_classification import region_classification_accuracy
 
         self._quiet_logs()
         name = f"world_test_{os.getpid()}_{id(self)}"
