@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Build the concept pool of region-text pretraining from image captions
-(METHOD.md section 3.1-3.2): parse the captions with NLTK into nouns and noun phrases
+(docs/method.md, "Pretraining"): parse the captions with NLTK into nouns and noun phrases
 (lower-case, head noun singular), count each concept once per caption, keep those seen
 in at least --min-count captions, and embed them with the CLIP text encoder (mean over
 prompt templates, the project's embed_class_names).

@@ -14,7 +14,8 @@ Stages (each a command-line tool run as a subprocess, as a user would run it):
   8. zeroshot    region classification on GT boxes (world CLIP vs pretrained student) and
                  tools/train_net.py --eval-only  zero-shot detection with GT boxes
   9. transfer    tools/train_net.py               detectors on base classes (C4 from the world CLIP and
-                                                  from the student; FPN from the world CLIP);
+                                                  from the student; FPN by default, C4 rows too
+                                                  with c4_rows=1);
                                                   novel/base/all AP50 on test
  10. demo        tools/demo.py                    DefaultPredictor with a vocabulary including novel classes
  11. report      results.md, results.json, results.png
@@ -45,20 +46,22 @@ PROFILES = {
                  novel="heart,moon,bolt,frame",
                  clip_steps=380, clip_batch=128, clip_lr=0.004, min_count=30,
                  rpn_iters=50, rpn_batch=16,
-                 pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.002, pretrain_optimizer="SGD",
+                 pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.0005, pretrain_optimizer="ADAMW",
                  pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
-                 transfer_iters=230, transfer_batch=8, transfer_lr=0.001, focal=0.5, fpn=1,
+                 transfer_iters=400, transfer_batch=8, transfer_lr=0.001, focal=0.5, bg_weight=0.2,
+                 transfer_arch="FPN", c4_rows=0,
                  demo_images=4, demo_threshold=0.5),
 }
 
 # the test suite: every stage, tiny
 PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16,
                         min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4, transfer_iters=4,
-                        transfer_batch=4, demo_images=2)
+                        transfer_batch=4, demo_images=2, c4_rows=1)
 
-TRANSFER_ROWS = (("world CLIP", "world", "C4"), ("RegionCLIP student", "regionclip", "C4"),
-                 ("world CLIP, FPN", "world_fpn", "FPN"), ("RegionCLIP student, FPN", "regionclip_fpn", "FPN"))
+# the transfer detectors: (row label, output tag, initialisation); the main rows use the
+# profile's transfer_arch, and with c4_rows (when that is FPN) the C4 design adds its rows
+INITS = (("world CLIP", "world"), ("RegionCLIP student", "regionclip"))
 TRANSFER_CONFIGS = {"C4": "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml",
                     "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml"}
 
@@ -313,7 +316,7 @@ class Pipeline:
                      "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
                      "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
                      "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
-                     "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"],
+                     "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"], "MODEL.CLIP.BG_CLS_LOSS_WEIGHT", p["bg_weight"],
                      "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH", p["transfer_batch"],
                      "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS", f"({int(p['transfer_iters'] * 0.8)},)",
                      "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
@@ -324,10 +327,20 @@ class Pipeline:
         res["weights"] = os.path.join(out, "model_final.pth")
         return res
 
+    def transfer_rows(self):
+        """(label, tag, arch) of the transfer detectors: the profile's ``transfer_arch`` for
+        both initialisations, and C4 rows ("<label>, C4") when ``c4_rows`` asks for them."""
+        arch = self.p["transfer_arch"]
+        if arch not in TRANSFER_CONFIGS:
+            raise ValueError(f"transfer_arch={arch!r}: use one of {list(TRANSFER_CONFIGS)}")
+        rows = [(label, tag if arch == "C4" else f"{tag}_{arch.lower()}", arch) for label, tag in INITS]
+        if self.p["c4_rows"] and arch != "C4":
+            rows += [(f"{label}, C4", tag, "C4") for label, tag in INITS]
+        return rows
+
     def transfer(self, student_weights):
-        rows = [r for r in TRANSFER_ROWS if r[2] == "C4" or self.p["fpn"]]
         return {label: self.transfer_one(student_weights if tag.startswith("regionclip") else "", tag, arch)
-                for label, tag, arch in rows}
+                for label, tag, arch in self.transfer_rows()}
 
     def demo(self, detector_weights, arch: str = "C4"):
         _, novel, all_names = self.names()
@@ -355,10 +368,10 @@ class Pipeline:
         student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
         zs = self._stage("8/11 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))
         tr = self._stage("9/11 transfer: detectors on base classes", lambda: self.transfer(student))
-        # the pictures show the RegionCLIP student's detector, the FPN one where it was trained
-        shown = "RegionCLIP student, FPN" if "RegionCLIP student, FPN" in tr else "RegionCLIP student"
+        # the pictures show the RegionCLIP student's detector
+        shown = "RegionCLIP student"
         demo_dir = self._stage("10/11 demo: DefaultPredictor with novel classes",
-                               lambda: self.demo(tr[shown]["weights"], "FPN" if "FPN" in shown else "C4"))
+                               lambda: self.demo(tr[shown]["weights"], self.p["transfer_arch"]))
         results = {"profile": self.p, "seed": self.seed, "world_clip": clip_metrics, "concepts": len(concepts),
                    "teacher": teacher, "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir, "demo_detector": shown,
                    "timings_s": self.timings, "total_s": time.time() - t0}
@@ -384,12 +397,12 @@ class Pipeline:
                 os.symlink(os.path.join(self.out, name), link)
         if transfer_only:
             return {"transfer": sub.transfer_one(os.path.join(self.out, "pretrain", "model_final.pth"),
-                                                 "regionclip")}
+                                                 "regionclip", self.p["transfer_arch"])}
         student = sub.pretrain()
         zs = sub.zero_shot(student, eval_tool=False, teacher=False)["RegionCLIP student"]
         if zero_shot_only:
             return {"zero_shot": zs}
-        return {"zero_shot": zs, "transfer": sub.transfer_one(student, "regionclip")}
+        return {"zero_shot": zs, "transfer": sub.transfer_one(student, "regionclip", self.p["transfer_arch"])}
 
     def report(self, results):
         md = report_markdown(results, self.p, self.seed)
@@ -405,15 +418,16 @@ def _pct(x) -> str:
 
 def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
     zs, tr, clip = results["zero_shot"], results["transfer"], results["world_clip"]
+    arch = p["transfer_arch"]
     rows = []
     for label in ("world CLIP", "RegionCLIP student"):
         z, t = zs[label], tr[label]
         rows.append(f"| {label} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} | "
                     f"{t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | {t['AP50-all']:.1f} |")
-    for label in ("world CLIP, FPN", "RegionCLIP student, FPN"):
+    for label in ("world CLIP, C4", "RegionCLIP student, C4"):
         if label in tr:
             t = tr[label]
-            rows.append(f"| {label} (ours) | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
+            rows.append(f"| {label} detector | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
                         f"{t['AP50-all']:.1f} |")
     n_base = len(p["categories"].split(",")) - len(p["novel"].split(","))
     n_all = len(p["categories"].split(","))
@@ -423,12 +437,14 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
             f"World: {p['num_train']} training images of {p['image_size']} px, {n_all} shapes ({n_base} base, "
             f"{n_all - n_base} novel without training boxes: {p['novel'].replace(',', ', ')}); seed {seed}. "
             f"Total time {results['total_s'] / 60:.1f} min.", "",
-            "| initialisation | zero-shot GT-box acc. novel | base | all | transfer AP50 novel | base | all |",
+            "| initialisation | zero-shot GT-box acc. novel | base | all | "
+            f"transfer AP50 ({arch}) novel | base | all |",
             "|---|---|---|---|---|---|---|"] + rows + [
             "", f"Zero-shot: top-1 accuracy of classifying the test split's ground-truth boxes among all {n_all} "
-            "shapes (mean of per-class accuracy, chance "
-            f"{100 / n_all:.1f}%). Transfer: detectors trained {p['transfer_iters']} iterations on base-class "
-            f"boxes with the frozen RPN branch, evaluated on all {n_all} classes (mean of per-class AP50).", "",
+            "shapes with RoI features (C4: RoIAlign on res4, res5, attention pool; mean of per-class accuracy, "
+            f"chance {100 / n_all:.1f}%). Transfer: {arch} detectors trained {p['transfer_iters']} iterations on "
+            f"base-class boxes with the frozen RPN branch, evaluated on all {n_all} classes (mean of per-class "
+            "AP50).", "",
             "What the teacher knows:",
             f"- whole-image shape accuracy {_pct(z.get('accuracy', float('nan')))}% on {z.get('n', 0)} held-out "
             f"single-object images (novel shapes {_pct(z.get('accuracy_novel', float('nan')))}%); image-to-caption "
@@ -442,7 +458,7 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
             f"{teacher.get('accuracy-base', float('nan')):.1f}%).", "",
             f"Concept pool: {results['concepts']} concepts.", "",
             "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in results["timings_s"].items()),
-            "", f"Visualised detections ({results.get('demo_detector', 'RegionCLIP student')} detector, "
+            "", f"Visualised detections ({results.get('demo_detector', 'RegionCLIP student')} {arch} detector, "
             f"score >= {p['demo_threshold']}): {results['demo_dir']}"]
 
 

@@ -1,4 +1,4 @@
-"""Zero-shot region classification on ground-truth boxes (METHOD.md section 1): the
+"""Zero-shot region classification on ground-truth boxes (docs/method.md): the
 top-1 accuracy of classifying each ground-truth box against a vocabulary, per class and
 averaged over the novel, base and all classes."""
 from collections import defaultdict

@@ -1,4 +1,4 @@
-"""The losses of region-text pretraining and of transfer learning (METHOD.md 3.5, 4).
+"""The losses of region-text pretraining and of transfer learning (docs/method.md).
 
 All similarities are cosines of L2-normalised vectors divided by a temperature ``tau``
 (0.01 in RegionCLIP).

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from regionclip_d2.data import concepts as C
+from regionclip_d2.data import caption_files as C
+from regionclip_d2.data import json_stream
 from regionclip_d2.data.concepts import (
     CaptionFormatError,
     build_concept_pool,
@@ -101,7 +102,7 @@ def test_min_count_filter():
 
 @pytest.mark.parametrize("fmt", ["coco", "jsonl", "tsv"])
 def test_readers_stream_each_format(fmt, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "JSON_CHUNK_BYTES", 7)  # tiny reads: values straddle chunk boundaries
+    monkeypatch.setattr(json_stream, "JSON_CHUNK_BYTES", 7)  # tiny reads: values straddle chunk boundaries
     writer, name = WRITERS[fmt]
     path = writer(tmp_path / name, CAPTIONS)
     assert detect_format(path) == fmt
@@ -116,7 +117,7 @@ def test_readers_stream_each_format(fmt, tmp_path, monkeypatch):
 
 
 def test_coco_annotations_before_images_and_gzip(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "JSON_CHUNK_BYTES", 5)
+    monkeypatch.setattr(json_stream, "JSON_CHUNK_BYTES", 5)
     path = write_coco(tmp_path / "c.json", CAPTIONS, annotations_first=True)
     recs = list(C.iter_caption_records(path))
     assert [(r["file_name"], r["caption"]) for r in recs] == CAPTIONS

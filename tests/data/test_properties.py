@@ -26,7 +26,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 
-from regionclip_d2.data import concepts as C
+from regionclip_d2.data import caption_files as C
+from regionclip_d2.data import json_stream
 from regionclip_d2.data.concepts import (
     CaptionFormatError,
     caption_problem,
@@ -235,7 +236,7 @@ def test_coco_reader(tmp_path, images, anns, chunk, indent, annotations_first, m
         if not isinstance(i, (list, dict)):
             known[json.loads(json.dumps(i))] = f  # the last image of an id wins (as JSON reads it back)
     stats = new_stats()
-    with mock.patch.object(C, "JSON_CHUNK_BYTES", chunk):  # values and UTF-8 split across reads
+    with mock.patch.object(json_stream, "JSON_CHUNK_BYTES", chunk):  # values and UTF-8 split across reads
         got = list(iter_caption_records(path, "coco", stats, max_chars, english_only))
     _check_stats(stats, got)
     expected = []

@@ -44,12 +44,12 @@ def test_results_table(tiny_run):
         for key in ("AP50-novel", "AP50-base", "AP50-all"):
             assert math.isnan(t[key]) or 0.0 <= t[key] <= 100.0
         assert z["boxes"] > 0
-    t = res["transfer"]["world CLIP, FPN"]
+    t = res["transfer"]["world CLIP, C4"]
     assert all(math.isnan(t[k]) or 0.0 <= t[k] <= 100.0 for k in ("AP50-novel", "AP50-base", "AP50-all"))
     teacher = res["teacher"]
     assert teacher["regions"] >= 0 and (math.isnan(teacher["accuracy"]) or 0 <= teacher["accuracy"] <= 100)
     table = (out / "results.md").read_text()
-    for row in ("| world CLIP |", "| RegionCLIP student |", "| RegionCLIP student, FPN (ours) |"):
+    for row in ("| world CLIP |", "| RegionCLIP student |", "| RegionCLIP student, C4 detector |", "(FPN)"):
         assert row in table
     assert "pseudo labels on" in table
 

@@ -1,4 +1,4 @@
-"""PretrainFastRCNN: region-text pretraining of RegionCLIP (METHOD.md section 3).
+"""PretrainFastRCNN: region-text pretraining of RegionCLIP (docs/method.md, "Pretraining").
 
 image + caption -> regions (the frozen RPN branch, a grid, or random boxes) -> teacher
 region features (frozen CLIP) -> pseudo concept labels -> student region features ->
