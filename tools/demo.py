@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Open-vocabulary detection demo: detect any vocabulary in images with a CLIPFastRCNN.
 
-Writes, for each input image, <output>/<name>.jpg (boxes and labels drawn by
-detectron2's Visualizer) and <output>/<name>.json (the detections).
+Writes, for each input image <name>.<ext>, <output>/<name>_<ext>.jpg (boxes and labels
+drawn by detectron2's Visualizer) and <output>/<name>_<ext>.json (the detections); inputs
+are never overwritten and names never collide. Inputs are checked before any model work;
+the exit status is 1 when no input could be processed.
 
 Example:
   python tools/demo.py --config-file configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml \\
@@ -53,9 +55,48 @@ def list_inputs(specs):
     return files
 
 
+def check_images(files):
+    """Decode each input's header (PIL ``verify``) before any model work: returns the readable
+    files and ``(path, reason)`` for the others."""
+    from PIL import Image
+
+    good, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            good.append(path)
+        except Exception as e:  # PIL raises many types for damaged or non-image files
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return good, bad
+
+
+def output_names(files, output_dir):
+    """A distinct output stem per input, never the name of an input: ``photo.png`` ->
+    ``photo_png`` (so ``a.png`` and ``a.jpg`` do not collide), with ``-2``, ``-3``, ...
+    appended when two inputs would still share a name or an output would overwrite an input."""
+    inputs = {os.path.realpath(f) for f in files}
+    used, stems = set(), []
+    for path in files:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        base = f"{stem}_{ext.lstrip('.').lower()}" if ext else stem
+        cand, k = base, 1
+        while cand in used or any(os.path.realpath(os.path.join(output_dir, cand + e)) in inputs
+                                  for e in (".jpg", ".json")):
+            k += 1
+            cand = f"{base}-{k}"
+        used.add(cand)
+        stems.append(cand)
+    return stems
+
+
 def main(argv=None):
     args = parse_args(argv)
-    files = list_inputs(args.input)
+    files, bad = check_images(list_inputs(args.input))
+    for path, reason in bad:
+        print(f"demo: skipping {path}: not a readable image ({reason})", file=sys.stderr)
+    if not files:
+        raise SystemExit(f"demo: none of the {len(bad)} input(s) is a readable image; nothing to do")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -75,9 +116,12 @@ def main(argv=None):
             else [n for n in args.custom_vocabulary.split(",")]
     else:
         vocabulary = args.vocabulary
-    from regionclip_d2.data.vocabularies import load_vocabulary
+    from regionclip_d2.data.vocabularies import VocabularyError, load_vocabulary
 
-    names = load_vocabulary(vocabulary)
+    try:
+        names = load_vocabulary(vocabulary)
+    except (VocabularyError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"demo: {e}") from None
     cfg = get_regionclip_cfg(args.config_file, args.opts)
     cfg.defrost()
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -105,15 +149,16 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     from tqdm import tqdm
 
-    for path in tqdm(files, desc="images", unit="img"):
+    done, failed = 0, [p for p, _ in bad]
+    for path, stem in zip(tqdm(files, desc="images", unit="img"), output_names(files, args.output)):
         try:
             image = read_image(path, format="BGR")
         except Exception as e:
             logger.error("skipping %s: cannot read it as an image (%s)", path, e)
+            failed.append(path)
             continue
         inst = predictor(image)["instances"].to("cpu")
         inst = inst[inst.scores >= args.confidence_threshold]
-        stem = os.path.splitext(os.path.basename(path))[0]
         scale = max(1.0, 512.0 / max(image.shape[:2]))  # small images are drawn larger, so labels stay legible
         vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
@@ -125,7 +170,11 @@ def main(argv=None):
             json.dump({"image": path, "height": image.shape[0], "width": image.shape[1],
                        "random_weights": bool(random or rpn_random), "detections": dets}, f, indent=1)
         logger.info("%s: %d detection(s) -> %s", path, len(dets), os.path.join(args.output, stem + ".jpg"))
-    return 0
+        done += 1
+    if failed:
+        print(f"demo: {len(failed)} of {len(failed) + done} input(s) failed: {', '.join(failed[:5])}"
+              + (" ..." if len(failed) > 5 else ""), file=sys.stderr)
+    return 0 if done else 1
 
 
 if __name__ == "__main__":

@@ -268,3 +268,30 @@ def load_rpn_weights(path: str, model: nn.Module, trusted: bool = False):
             raise CheckpointFormatError(f"{path!r} has no weights for the RPN branch's {name}")
         check_compatible(part, module, f"MODEL.CLIP.BB_RPN_WEIGHTS {path!r} ({name})", whole=True)
         module.load_state_dict(part, strict=False)
+
+
+def check_weights_file(path: str, model: nn.Module, *, trusted: bool = False, has_clip_weights: bool = False,
+                       key: str = "MODEL.WEIGHTS"):
+    """Check a detector checkpoint against ``model`` before anyone loads it, with the rules of
+    :class:`RegionCLIPCheckpointer`: weights only unless ``trusted`` (``.pkl`` files are refused),
+    a damaged file is an error, shapes must match (errors name keys and shapes), a module the
+    file covers must be covered whole, and the recognition branch (``backbone.*``) must come
+    from the file or from ``MODEL.CLIP.CLIP_WEIGHTS``.
+
+    ``build_model`` runs this for ``cfg.MODEL.WEIGHTS``, so that paths that load the weights
+    with detectron2's own checkpointer (``DefaultPredictor``) get the same checks. Paths that
+    are not local files (``detectron2://``, URLs) are left to detectron2."""
+    if not path or not os.path.isfile(path):
+        return
+    data = read_checkpoint(path, trusted=trusted)
+    raw = unwrap_state_dict(data["model"] if isinstance(data, dict) and isinstance(data.get("model"), dict)
+                            else data)
+    if detect_format(raw) == "unknown":
+        raise CheckpointFormatError(f"{key} {path!r}: unknown checkpoint format (first keys: {list(raw)[:5]})")
+    sd = adapt_state_dict(raw, _model_keys(model))
+    check_compatible(sd, model, f"{key} {path!r}")
+    if not has_clip_weights and not any(k.startswith("backbone.") for k in sd):
+        raise CheckpointFormatError(
+            f"{key} {path!r} holds no recognition-branch weights (backbone.*) and MODEL.CLIP.CLIP_WEIGHTS is "
+            "empty: the detector would run a randomly initialised CLIP backbone. Give a detector or "
+            "RegionCLIP checkpoint, or set MODEL.CLIP.CLIP_WEIGHTS")

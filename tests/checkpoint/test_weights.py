@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_cfg, tiny_model
 
 from detectron2.checkpoint import DetectionCheckpointer
 
@@ -208,3 +208,37 @@ def test_truncated_or_corrupt_file_is_not_advised_to_be_trusted(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, obj)
     with pytest.raises(CheckpointFormatError, match="argparse.Namespace.*TRUST_CHECKPOINTS"):
         read_checkpoint(str(obj))
+
+
+def test_default_predictor_loads_weights_by_the_same_rules(tiny_clip_config, tmp_path, monkeypatch):
+    """DefaultPredictor reads MODEL.WEIGHTS with detectron2's checkpointer; build_model checks the
+    file first, so a pickle, a file of another architecture or a file without recognition weights
+    fails before detectron2 opens it."""
+    import json
+
+    from detectron2.engine import DefaultPredictor
+
+    monkeypatch.chdir(tmp_path)
+    # 1. a .pkl is never unpickled unless trusted
+    pkl = tmp_path / "model.pkl"
+    pkl.write_bytes(pickle.dumps({"model": {"backbone.conv1.weight": _Evil()}}))
+    with pytest.raises(CheckpointFormatError, match="pickle file.*TRUST_CHECKPOINTS"):
+        DefaultPredictor(tiny_cfg(C4_RPN, tiny_clip_config, extra=["MODEL.WEIGHTS", str(pkl)]))
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    # 2. weights of another architecture (a wider image tower): an error naming keys and shapes
+    wide = json.loads(open(tiny_clip_config).read())
+    wide["vision_cfg"]["width"] = 32
+    wide_cfg = tmp_path / "wide.json"
+    wide_cfg.write_text(json.dumps(wide))
+    DetectionCheckpointer(tiny_model(C4_RPN, str(wide_cfg)), str(tmp_path)).save("wide")
+    with pytest.raises(CheckpointFormatError, match=r"wrong shape:\n  backbone\.\S+: checkpoint \(\d+"):
+        DefaultPredictor(tiny_cfg(C4_RPN, tiny_clip_config, extra=["MODEL.WEIGHTS", str(tmp_path / "wide.pth")]))
+    # 3. a file without the recognition branch and no CLIP_WEIGHTS: a random backbone is an error
+    base = tiny_model(C4_RPN, tiny_clip_config)
+    torch.save({"model": {k: v for k, v in base.state_dict().items() if k.startswith("offline_")}},
+               tmp_path / "rpn_only.pth")
+    with pytest.raises(CheckpointFormatError, match="no recognition-branch weights"):
+        DefaultPredictor(tiny_cfg(C4_RPN, tiny_clip_config, extra=["MODEL.WEIGHTS", str(tmp_path / "rpn_only.pth")]))
+    # the matching file loads
+    DetectionCheckpointer(base, str(tmp_path)).save("good")
+    DefaultPredictor(tiny_cfg(C4_RPN, tiny_clip_config, extra=["MODEL.WEIGHTS", str(tmp_path / "good.pth")]))

@@ -64,7 +64,7 @@ def test_demo_writes_images_and_json(tiny_clip_config, tmp_path):
     log = r.stdout + r.stderr
     assert "WEIGHTS ARE RANDOM" in log
     assert "skipping" in log and "broken.jpg" in log
-    for stem, (h, w) in {"rgb": (60, 80), "gray": (50, 50), "rgba": (40, 70)}.items():
+    for stem, (h, w) in {"rgb_jpg": (60, 80), "gray_png": (50, 50), "rgba_png": (40, 70)}.items():
         assert (out / f"{stem}.jpg").is_file()
         data = json.loads((out / f"{stem}.json").read_text())
         assert data["random_weights"] is True and (data["height"], data["width"]) == (h, w)
@@ -84,3 +84,32 @@ def test_demo_refuses_missing_weights_and_inputs(tmp_path):
     Image.new("RGB", (32, 32)).save(img)
     r = run(["tools/demo.py", "--input", str(img), "--output", str(tmp_path / "o")])
     assert r.returncode != 0 and "--random-weights" in r.stderr
+
+
+def test_demo_checks_inputs_first_and_never_overwrites(tiny_clip_config, tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from demo import output_names
+
+    # every input unreadable: a one-line error before any model work, non-zero exit
+    (tmp_path / "x.jpg").write_text("a text file named like an image")
+    good = tmp_path / "t.png"
+    Image.new("RGB", (40, 40)).save(good)
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:30])
+    r = run(["tools/demo.py", "--input", str(tmp_path / "x.jpg"), str(tmp_path / "trunc.png"), "--output",
+             str(tmp_path / "o"), "--random-weights"], timeout=60)
+    assert r.returncode != 0
+    assert "none of the 2 input(s) is a readable image" in r.stderr and "Traceback" not in r.stderr
+    # a known user error is one line, not a traceback
+    r = run(["tools/demo.py", "--input", str(good), "--output", str(tmp_path / "o"), "--vocabulary", "custom",
+             "--custom-vocabulary", "cat,cat", "--random-weights"], timeout=60)
+    assert r.returncode != 0 and "duplicate class names" in r.stderr and "Traceback" not in r.stderr
+    # output names: a.png and a.jpg do not collide; an output never takes an input's path
+    d = tmp_path / "imgs"
+    d.mkdir()
+    files = [str(d / "a.png"), str(d / "a.jpg"), str(tmp_path / "a.png"), str(d / "b_png.jpg")]
+    stems = output_names(files, str(d))
+    assert len(set(stems)) == 4
+    outputs = {os.path.join(str(d), s + e) for s in stems for e in (".jpg", ".json")}
+    assert not outputs & set(files)

@@ -19,7 +19,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ...checkpoint.loading import check_weights_file, install_load_hook, load_clip_weights, load_rpn_weights
 from ...config import check_config
 from ...data.vocabularies import load_vocabulary
 from ..text import build_language_encoder, embed_class_names, load_text_embeddings
@@ -412,6 +412,8 @@ def setup_from_cfg(model: CLIPFastRCNN, cfg):
             load_rpn_weights(c.BB_RPN_WEIGHTS, model, trusted=trusted)
             model._rpn_weights_file = c.BB_RPN_WEIGHTS
             logger.info("loaded the RPN branch from %s", c.BB_RPN_WEIGHTS)
+    # the checks of RegionCLIPCheckpointer for the file DefaultPredictor will load with detectron2's
+    check_weights_file(cfg.MODEL.WEIGHTS, model, trusted=trusted, has_clip_weights=bool(c.CLIP_WEIGHTS))
     if model.embed_dim != c.TEXT_EMB_DIM:
         raise ValueError(f"MODEL.CLIP.TEXT_EMB_DIM={c.TEXT_EMB_DIM} but {c.OPENCLIP_MODEL or c.OPENCLIP_MODEL_CONFIG} "
                          f"produces {model.embed_dim}-d region embeddings: set MODEL.CLIP.TEXT_EMB_DIM "
