@@ -70,6 +70,7 @@ def add_regionclip_config(cfg):
     _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01  # skip unreadable samples; error once more than this fraction failed
     _C.SOLVER.NONFINITE_LOSS = "error"  # on a NaN/inf loss term: error (stop, naming it) | skip (the batch)
     _C.SOLVER.MAX_NONFINITE_SKIPS = 100  # with NONFINITE_LOSS skip: error after skipping more batches than this
+    _C.SOLVER.CHECKPOINT_KEEP_LAST = 0  # keep the last N periodic checkpoints (0 = all; model_final is kept)
     return cfg
 
 

@@ -91,13 +91,29 @@ def install_load_hook(model: nn.Module):
     model._register_load_state_dict_pre_hook(hook)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full or read-only disk); the previous one stays good."""
+
+
 def _atomic_write(path: str, write, mode: str):
+    """Write to ``<path>.tmp.<pid>``, fsync, rename into place. On failure the temporary file is
+    removed and :class:`CheckpointWriteError` names the file and the fix."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointWriteError(
+            e.errno, f"could not write {path} ({e.strerror or e}): free space in (or fix the permissions "
+            "of) the output folder, or lower SOLVER.CHECKPOINT_KEEP_LAST; the previous checkpoint and "
+            "last_checkpoint are unchanged, so --resume continues from it") from e
 
 
 def _process_alive(pid: int) -> bool:

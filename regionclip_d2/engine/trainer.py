@@ -66,6 +66,44 @@ def match_vocabulary(model, dataset_name):
                          "OPENSET_TEST_NUM_CLASSES) to the data set's classes")
 
 
+def periodic_checkpoints(output_dir: str):
+    """Paths of ``model_<iteration>.pth`` in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(n for n in os.listdir(output_dir)
+                   if n.startswith("model_") and n.endswith(".pth") and n[len("model_"):-4].isdigit())
+    return [os.path.join(output_dir, n) for n in names]
+
+
+class OutputDirInUseError(RuntimeError):
+    pass
+
+
+def lock_output_dir(output_dir: str):
+    """Hold an exclusive lock on ``<output_dir>/.lock`` for the life of the process (the OS
+    releases it when the process ends, even when killed); raise :class:`OutputDirInUseError`
+    naming the process that holds it. Returns the open lock file (keep a reference)."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputDirInUseError(
+            f"OUTPUT_DIR {output_dir} is in use by {holder}: two runs in one folder would interleave "
+            "checkpoints and metrics.json. Wait for it to finish, stop it, or set another OUTPUT_DIR") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 class RegionCLIPTrainer(DefaultTrainer):
     """DefaultTrainer with regionclip_d2's checkpointer, mappers, evaluators and loaders,
     and its training step (:class:`GuardedTrainer`): a run killed at any point and resumed
@@ -93,6 +131,17 @@ class RegionCLIPTrainer(DefaultTrainer):
         for h in self._hooks:
             if hasattr(h, "checkpointer"):
                 h.checkpointer = self.checkpointer
+            if hasattr(h, "max_to_keep") and cfg.SOLVER.CHECKPOINT_KEEP_LAST > 0:
+                h.max_to_keep = keep = cfg.SOLVER.CHECKPOINT_KEEP_LAST
+                # checkpoints of an earlier run count too: the newest are rotated out as new ones come
+                old = periodic_checkpoints(cfg.OUTPUT_DIR)
+                if comm.is_main_process():
+                    for path in old[:-keep]:
+                        os.remove(path)
+                        logger.info("SOLVER.CHECKPOINT_KEEP_LAST %d: removed %s", keep, path)
+                h.recent_checkpoints = old[-keep:]
+        # one run per output folder: a second one would interleave checkpoints and metrics
+        self._output_lock = lock_output_dir(cfg.OUTPUT_DIR) if comm.is_main_process() and cfg.OUTPUT_DIR else None
 
     def _set_loader_state(self):
         loader = self._trainer.data_loader

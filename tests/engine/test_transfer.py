@@ -36,7 +36,7 @@ def train_cmd(tmp_path, tiny_clip_config, max_iter, extra=(), num_gpus=1, resume
             "SOLVER.IMS_PER_BATCH", str(2 * num_gpus), "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", str(max_iter),
             "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
             "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "SEED", "1",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"] + list(extra)
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"] + [str(e) for e in extra]
     return cmd
 
 
@@ -65,8 +65,10 @@ def test_train_checkpoint_resume_evaluate(tiny_clip_config, tmp_path):
     for key in ("AP50-novel", "AP50-base", "AP50-all", "AP-yellow square", "AP-red square"):
         assert key in res, key
     # resume: continues from the last complete checkpoint with the LR schedule restored
-    log = run(train_cmd(tmp_path, tiny_clip_config, max_iter=6, resume=True))
+    log = run(train_cmd(tmp_path, tiny_clip_config, max_iter=6, resume=True, extra=["SOLVER.CHECKPOINT_KEEP_LAST", 1]))
     assert re.search(r"Starting training from iteration 4", log), log[-3000:]
+    # keep-last 1: the first run's periodic checkpoints are gone, the newest and the final remain
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000005.pth", "model_final.pth"]
     ck = torch.load(out / "model_final.pth", weights_only=True)
     assert ck["iteration"] == 5
     sched = ck["trainer"]["hooks"]["LRScheduler"]

@@ -108,3 +108,62 @@ def test_load_text_embeddings_checks_dimension(tmp_path):
 def test_tokenizer_context_length(tiny_clip_config):
     tok = build_tokenizer("", tiny_clip_config)
     assert tok(["hello"]).shape == (1, 24)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_large_vocabulary_streams_resumes_and_survives_an_unwritable_cache(encoder, tmp_path, monkeypatch, caplog):
+    from regionclip_d2.modeling.text import embedding as E
+
+    names = [f"thing {i}" for i in range(40)]
+    want = embed_class_names(names, encoder, templates="imagenet80", use_cache=False, batch_size=64)
+    # interrupted after 10 batches, with progress saved every 128 prompts
+    calls = []
+    orig = LanguageEncoder.forward
+
+    def flaky(self, tokens, all_tokens=False):
+        calls.append(tokens.shape[0])
+        if len(calls) == 10:
+            raise _Interrupt()
+        return orig(self, tokens, all_tokens)
+
+    monkeypatch.setattr(LanguageEncoder, "forward", flaky)
+    with pytest.raises(_Interrupt):
+        embed_class_names(names, encoder, cache_dir=str(tmp_path), batch_size=64, checkpoint_every=128)
+    partial = list((tmp_path / "text_embeddings").glob("*.partial"))
+    assert len(partial) == 1
+    monkeypatch.setattr(LanguageEncoder, "forward", orig)
+    calls.clear()
+    monkeypatch.setattr(LanguageEncoder, "forward", lambda self, t, all_tokens=False: (calls.append(t.shape[0]),
+                                                                                      orig(self, t, all_tokens))[1])
+    got = embed_class_names(names, encoder, cache_dir=str(tmp_path), batch_size=64, checkpoint_every=128)
+    assert sum(calls) == 40 * 80 - 512  # resumed after the 512 prompts saved before the interruption
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not list((tmp_path / "text_embeddings").glob("*.partial"))
+    # an unwritable cache: a warning, the embeddings all the same, no temporary left behind
+    def no_space(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(E.torch, "save", no_space)
+    with caplog.at_level(logging.WARNING):
+        again = embed_class_names(names[:3], encoder, templates="single", cache_dir=str(tmp_path / "full"))
+    assert again.shape == (3, 64) and "continuing without it" in caplog.text
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_orphaned_cache_temporaries_are_removed(encoder, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    folder = tmp_path / "text_embeddings"
+    folder.mkdir()
+    orphan = folder / f"abc.pth.{dead}.123.tmp"
+    orphan.write_bytes(b"partial")
+    mine = folder / f"def.pth.{__import__('os').getpid()}.1.tmp"
+    mine.write_bytes(b"in progress")
+    embed_class_names(["cat"], encoder, templates="single", cache_dir=str(tmp_path))
+    assert not orphan.exists() and mine.exists()

@@ -58,6 +58,7 @@ def embed_class_names(
     use_cache: bool = True,
     batch_size: int = 512,
     progress: bool = None,
+    checkpoint_every: int = 50000,
 ) -> torch.Tensor:
     """Embed class names with a :class:`LanguageEncoder`.
 
@@ -67,6 +68,9 @@ def embed_class_names(
         templates: ``imagenet80`` | ``single`` | ``none`` | a template string.
         cache_dir: cache root (default ``$REGIONCLIP_CACHE`` or ``~/.cache/regionclip_d2``).
         progress: show a progress bar (default: when there are more than 2000 prompts).
+        checkpoint_every: with the cache, save progress every this many prompts to
+            ``<entry>.partial``, so that an interrupted embedding of a large vocabulary resumes.
+    A cache that cannot be written (read-only or full disk) is warned about and skipped.
     Returns:
         ``[C, D]`` float32 embeddings with unit L2 norm, on CPU.
     """
@@ -90,21 +94,95 @@ def embed_class_names(
                        "e.g. %r", len(too_long), encoder.context_length, too_long[0][:80])
     if progress is None:
         progress = len(prompts) > 2000
-    feats = []
-    bar = tqdm(total=len(prompts), desc="embedding prompts", unit="prompt", disable=not progress)
-    for i in range(0, len(prompts), batch_size):
-        f = encoder(encoder.tokenize(prompts[i:i + batch_size])).float()
-        feats.append(torch.nn.functional.normalize(f, dim=-1))
-        bar.update(min(batch_size, len(prompts) - i))
-    bar.close()
-    emb = torch.cat(feats).reshape(len(names), len(tmpl), -1).mean(dim=1)
-    emb = torch.nn.functional.normalize(emb, dim=-1).cpu()
     if path is not None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # per process and thread: no shared temp file
-        torch.save(emb, tmp)
-        os.replace(tmp, path)
+        _remove_orphaned_temporaries(os.path.dirname(path))
+    # per-class sums of the normalised prompt features, filled batch by batch (memory: [C, D],
+    # not [C * templates, D]); progress saved every ``checkpoint_every`` prompts when caching
+    sums, start = _resume(path, len(prompts)) if path is not None else (None, 0)
+    every = max(batch_size, checkpoint_every)
+    bar = tqdm(total=len(prompts), initial=start, desc="embedding prompts", unit="prompt", disable=not progress)
+    for i in range(start, len(prompts), batch_size):
+        f = torch.nn.functional.normalize(encoder(encoder.tokenize(prompts[i:i + batch_size])).float(), dim=-1)
+        if sums is None:
+            sums = torch.zeros(len(names), f.shape[1])
+        sums.index_add_(0, torch.arange(i, i + f.shape[0]) // len(tmpl), f.cpu())
+        bar.update(f.shape[0])
+        done = i + f.shape[0]
+        if path is not None and done < len(prompts) and done // every > i // every:
+            _try_save({"done": done, "sums": sums}, path + ".partial")
+    bar.close()
+    emb = torch.nn.functional.normalize(sums / len(tmpl), dim=-1)
+    if path is not None:
+        _try_save(emb, path)
+        if os.path.exists(path + ".partial"):
+            try:
+                os.remove(path + ".partial")
+            except OSError:
+                pass
     return emb
+
+
+def _resume(path: str, n_prompts: int):
+    """(sums, prompts done) from an interrupted run's ``<entry>.partial``, or (None, 0)."""
+    partial = path + ".partial"
+    if not os.path.isfile(partial):
+        return None, 0
+    try:
+        state = torch.load(partial, map_location="cpu", weights_only=True)
+        done = int(state["done"])
+        if 0 < done < n_prompts and torch.is_tensor(state["sums"]):
+            logger.info("resuming the text embedding at prompt %d of %d (%s)", done, n_prompts, partial)
+            return state["sums"], done
+    except Exception as e:  # a damaged progress file: start over
+        logger.warning("ignoring unreadable progress file %s (%s)", partial, e)
+    return None, 0
+
+
+def _try_save(obj, path: str) -> bool:
+    """Write ``obj`` to ``path`` atomically; on failure (read-only or full disk) warn and go on
+    without the cache."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # per process and thread: no shared temp file
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        logger.warning("cannot write the text-embedding cache %s (%s): continuing without it; set "
+                       "$REGIONCLIP_CACHE to a writable folder to keep embeddings between runs", path, e)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def _remove_orphaned_temporaries(folder: str):
+    """Delete ``*.<pid>.<thread>.tmp`` files of cache writes whose process is gone."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        parts = name.split(".")
+        if len(parts) < 4 or parts[-1] != "tmp" or not parts[-3].isdigit():
+            continue
+        pid = int(parts[-3])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            logger.info("removed %s, left by an interrupted cache write", name)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_text_embeddings(path: str, expected_dim: int = None, what: str = "MODEL.CLIP.TEXT_EMB_PATH",
