@@ -31,6 +31,8 @@ def test_a_second_run_in_the_same_output_folder_is_refused(tmp_path):
 
 def test_a_full_disk_leaves_no_partial_file_and_the_last_checkpoint_intact(tiny_clip_config, tmp_path, monkeypatch):
     model = tiny_model(C4_GT, tiny_clip_config)
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
     ckpt = RegionCLIPCheckpointer(model, str(tmp_path))
     ckpt.save("model_0000001")
     good = (tmp_path / "model_0000001.pth").read_bytes()
