@@ -157,3 +157,46 @@ def test_all_bad_is_a_clear_error(tmp_path):
         SafeMappedDataset(dicts, ds.mapper, max_bad_fraction=2.0)
     with pytest.raises(ValueError, match="empty"):
         SafeMappedDataset([], ds.mapper)
+
+
+def test_images_missing_on_disk_are_dropped_with_their_annotations_and_counted(tmp_path, caplog):
+    import json
+    import os
+
+    from regionclip_d2.data.datasets import check_coco_annotations
+
+    ann, images = make_coco(tmp_path, n_images=3, seed=0)
+    data = json.loads(open(ann).read())
+    gone = data["images"][1]
+    os.remove(os.path.join(images, gone["file_name"]))
+    n_gone = sum(a["image_id"] == gone["id"] for a in data["annotations"])
+    stats = check_coco_annotations(data, ann, image_root=images)
+    assert stats["images missing on disk (dropped)"] == 1
+    assert stats["annotations of dropped images"] == n_gone > 0
+    assert gone["id"] not in {im["id"] for im in data["images"]}
+    assert all(a["image_id"] != gone["id"] for a in data["annotations"])
+    # the same through registration: the log names the count
+    with caplog.at_level(logging.WARNING):
+        register_coco_format("missing_images_test", ann, images)
+        dicts = DatasetCatalog.get("missing_images_test")
+    assert len(dicts) == 2
+    assert "images missing on disk (dropped)" in caplog.text
+
+
+def test_structural_annotation_errors_name_the_entry(tmp_path):
+    import json
+
+    from regionclip_d2.data.datasets import AnnotationError, check_coco_annotations
+
+    base = {"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+            "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}]}
+    for change, pattern in (
+            (lambda d: d["annotations"][0].update(bbox=[1, 2]), r"annotations\[0\].*bbox"),
+            (lambda d: d["annotations"][0].update(category_id=7), r"annotations\[0\].*category.*7"),
+            (lambda d: d["images"].append(dict(d["images"][0])), r"image.*1"),
+            (lambda d: d["images"][0].pop("file_name"), r"images\[0\].*file_name")):
+        data = json.loads(json.dumps(base))
+        change(data)
+        with pytest.raises(AnnotationError, match=pattern):
+            check_coco_annotations(data, "ann.json")
