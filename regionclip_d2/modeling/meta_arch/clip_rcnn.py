@@ -129,7 +129,10 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
                  offline_pixel_mean: Sequence[float] = (103.53, 116.28, 123.675),
                  offline_pixel_std: Sequence[float] = (1.0, 1.0, 1.0), offline_input_format: str = "BGR",
                  train_offline_rpn: bool = False, prompt_templates: str = "imagenet80",
-                 inference_dtype: str = "float32", channels_last: bool = False, setup_cfg=None):
+                 inference_dtype: str = "float32", channels_last: bool = False,
+                 train_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
+                 test_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
+                 lang_encoder_loaded: bool = False, rpn_weights_file: str = ""):
         super().__init__()
         if region_type not in REGION_TYPES:
             raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r}: use one of {REGION_TYPES}")
@@ -151,8 +154,10 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self._rpn_weights_file = ""
-        self.lang_encoder_loaded = False  # becomes True when text-encoder weights arrive
+        # where the RPN branch's weights came from (MODEL.CLIP.BB_RPN_WEIGHTS): they win over a
+        # later checkpoint's offline_* keys (see checkpoint.loading.install_load_hook)
+        self._rpn_weights_file = rpn_weights_file
+        self.lang_encoder_loaded = lang_encoder_loaded  # becomes True when text-encoder weights arrive
         if self.offline_backbone is not None and not train_offline_rpn:
             for m in (self.offline_backbone, self.offline_proposal_generator):
                 for p in m.parameters():
@@ -164,8 +169,12 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         self._stale_vocab = set()  # names-based vocabularies to re-embed (after new weights)
         install_load_hook(self)
         self.register_load_state_dict_post_hook(self._after_load)
-        if setup_cfg is not None:
-            setup_from_cfg(self, setup_cfg)
+        for split, vocab in (("train", train_vocabulary), ("test", test_vocabulary)):
+            if torch.is_tensor(vocab):
+                self.set_vocabulary(vocab, train=(split == "train"))
+            elif vocab is not None:  # names: embedded on first use, after any weights are loaded
+                self._vocab_specs[split] = list(vocab)
+                self._stale_vocab.add(split)
 
     @staticmethod
     def _after_load(module, incompatible_keys):
@@ -197,7 +206,6 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
             "prompt_templates": c.PROMPT_TEMPLATES,
             "inference_dtype": c.INFERENCE_DTYPE,
             "channels_last": c.CHANNELS_LAST,
-            "setup_cfg": cfg,
         }
         if c.CROP_REGION_TYPE == "RPN":
             ocfg = build_offline_rpn_cfg(cfg)
@@ -206,6 +214,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
                        offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
                        offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
                        offline_input_format=ocfg.INPUT.FORMAT)
+        ret.update(load_from_cfg(cfg, ret))
         return ret
 
     # ------------------------------------------------------------------ helpers
@@ -392,32 +401,48 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         return out
 
 
-def setup_from_cfg(model: CLIPFastRCNN, cfg):
-    """Load what the config names at construction time, so that every way of building
-    the model (``build_model``, ``DefaultPredictor``, ``train_net.py``) gets it:
-    CLIP_WEIGHTS (backbone + language encoder), BB_RPN_WEIGHTS (the RPN branch) and
-    the vocabularies (TEXT_EMB_PATH / VOCABULARY, OPENSET_TEST_*), with NUM_CLASSES checked."""
+class _Parts(nn.Module):
+    """The detector's submodules under the detector's attribute names, before the detector
+    exists: its state-dict keys are the detector's, so files are checked and loaded as if
+    into the detector."""
+
+    def __init__(self, parts: Dict):
+        super().__init__()
+        for name in ("backbone", "roi_heads", "lang_encoder", "offline_backbone", "offline_proposal_generator"):
+            setattr(self, name, parts.get(name))
+
+
+def load_from_cfg(cfg, parts: Dict) -> Dict:
+    """Load what the config names into the built submodules ``parts`` (``from_config``'s
+    arguments), so that every way of building the model (``build_model``, ``DefaultPredictor``,
+    ``train_net.py``) gets it: CLIP_WEIGHTS (backbone + language encoder), BB_RPN_WEIGHTS (the
+    RPN branch), and checks of MODEL.WEIGHTS (loaded later by a checkpointer). Returns the
+    constructor arguments that carry what was read: the vocabularies (TEXT_EMB_PATH /
+    VOCABULARY, OPENSET_TEST_*; NUM_CLASSES checked), ``lang_encoder_loaded`` and
+    ``rpn_weights_file``."""
     c = cfg.MODEL.CLIP
     trusted = c.TRUST_CHECKPOINTS
+    model = _Parts(parts)
+    clip_resnet = getattr(model.backbone, "bottom_up", model.backbone)
+    embed_dim = clip_resnet.embed_dim
+    out = {}
     if c.CLIP_WEIGHTS:
-        load_clip_weights(c.CLIP_WEIGHTS, backbone=model.clip_resnet, lang_encoder=model.lang_encoder,
-                          trusted=trusted)
-        model.lang_encoder_loaded = True
+        load_clip_weights(c.CLIP_WEIGHTS, backbone=clip_resnet, lang_encoder=model.lang_encoder, trusted=trusted)
+        out["lang_encoder_loaded"] = True
         logger.info("loaded CLIP weights from %s", c.CLIP_WEIGHTS)
     if c.BB_RPN_WEIGHTS:
         if model.offline_backbone is None:
             logger.warning("MODEL.CLIP.BB_RPN_WEIGHTS is set but CROP_REGION_TYPE=%s has no RPN branch; "
-                           "ignoring it", model.region_type)
+                           "ignoring it", c.CROP_REGION_TYPE)
         else:
             load_rpn_weights(c.BB_RPN_WEIGHTS, model, trusted=trusted)
-            model._rpn_weights_file = c.BB_RPN_WEIGHTS
+            out["rpn_weights_file"] = c.BB_RPN_WEIGHTS
             logger.info("loaded the RPN branch from %s", c.BB_RPN_WEIGHTS)
     # the checks of RegionCLIPCheckpointer for the file DefaultPredictor will load with detectron2's
     check_weights_file(cfg.MODEL.WEIGHTS, model, trusted=trusted, has_clip_weights=bool(c.CLIP_WEIGHTS))
-    if model.embed_dim != c.TEXT_EMB_DIM:
+    if embed_dim != c.TEXT_EMB_DIM:
         raise ValueError(f"MODEL.CLIP.TEXT_EMB_DIM={c.TEXT_EMB_DIM} but {c.OPENCLIP_MODEL or c.OPENCLIP_MODEL_CONFIG} "
-                         f"produces {model.embed_dim}-d region embeddings: set MODEL.CLIP.TEXT_EMB_DIM "
-                         f"{model.embed_dim}")
+                         f"produces {embed_dim}-d region embeddings: set MODEL.CLIP.TEXT_EMB_DIM {embed_dim}")
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for split, path, vocab, key, n_key, n_expected in (
         ("train", c.TEXT_EMB_PATH, c.VOCABULARY, "MODEL.CLIP.TEXT_EMB_PATH", "MODEL.ROI_HEADS.NUM_CLASSES",
@@ -428,19 +453,16 @@ def setup_from_cfg(model: CLIPFastRCNN, cfg):
         if path and vocab:
             raise ValueError(f"both {key} and a vocabulary of names are set for the {split} vocabulary: keep one")
         if path:
-            emb = load_text_embeddings(path, model.embed_dim, key, trusted=trusted)
-            n = emb.shape[0]
+            value = load_text_embeddings(path, embed_dim, key, trusted=trusted)
+            n = value.shape[0]
         elif vocab:
-            names = load_vocabulary(vocab)
-            n, emb = len(names), None
+            value = load_vocabulary(vocab)
+            n = len(value)
         else:
             continue
         if n_expected and n != n_expected:
             raise ValueError(f"the {split} vocabulary has {n} classes but {n_key}={n_expected}: set {n_key} {n}")
         if split == "train" and not n_expected:
             raise ValueError(f"set {n_key} {n} to match the training vocabulary")
-        if emb is not None:
-            model.set_vocabulary(emb, train=(split == "train"))
-        else:  # embedded lazily, after the weights are loaded
-            model._vocab_specs[split] = names
-            model._stale_vocab.add(split)
+        out[f"{split}_vocabulary"] = value
+    return out

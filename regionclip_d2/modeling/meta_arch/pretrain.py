@@ -73,7 +73,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                  num_random_regions=100, image_text=True, gather=False, loss_weights=(1.0, 1.0, 1.0),
                  contrastive_form="official", legacy_padded_image_box=False,
                  pixel_mean, pixel_std, input_format="RGB", offline_pixel_mean=(103.53, 116.28, 123.675),
-                 offline_pixel_std=(1.0, 1.0, 1.0), offline_input_format="BGR", setup_cfg=None):
+                 offline_pixel_std=(1.0, 1.0, 1.0), offline_input_format="BGR", rpn_weights_file: str = ""):
         super().__init__()
         if region_type not in PRETRAIN_REGION_TYPES:
             raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r} for pretraining: use one of "
@@ -111,10 +111,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self.legacy_padded_image_box = legacy_padded_image_box
         self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
                           offline_input_format)
-        self._rpn_weights_file = ""
+        self._rpn_weights_file = rpn_weights_file  # BB_RPN_WEIGHTS win over a checkpoint's offline_* keys
         install_load_hook(self)
-        if setup_cfg is not None:
-            setup_pretrain_from_cfg(self, setup_cfg)
 
     @classmethod
     def from_config(cls, cfg):
@@ -145,7 +143,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                        offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
                        offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
                        offline_input_format=ocfg.INPUT.FORMAT)
-        ret["setup_cfg"] = cfg
+        ret.update(load_pretrain_from_cfg(cfg, ret))
         return ret
 
     # ------------------------------------------------------------------ setup
@@ -247,27 +245,35 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         return losses
 
 
-def setup_pretrain_from_cfg(model: PretrainFastRCNN, cfg):
-    """Load what the config names: CLIP weights (student and teacher start equal), the
-    teacher's own weights, the RPN branch, the concept pools."""
+def load_pretrain_from_cfg(cfg, parts: Dict) -> Dict:
+    """Load what the config names into the built submodules ``parts`` (``from_config``'s
+    arguments): CLIP weights (student and teacher start equal), the teacher's own weights, the
+    RPN branch. Returns the constructor arguments that carry what was read: the concept pools
+    and ``rpn_weights_file``."""
     c = cfg.MODEL.CLIP
     trusted = c.TRUST_CHECKPOINTS
+    backbone, teacher = parts["backbone"], parts["teacher_backbone"]
+    out = {}
     if c.CLIP_WEIGHTS:
-        load_clip_weights(c.CLIP_WEIGHTS, backbone=model.backbone, lang_encoder=model.lang_encoder, trusted=trusted)
+        load_clip_weights(c.CLIP_WEIGHTS, backbone=backbone, lang_encoder=parts["lang_encoder"], trusted=trusted)
         if not c.TEACHER_OPENCLIP_MODEL and not c.TEACHER_CLIP_WEIGHTS:
-            load_clip_weights(c.CLIP_WEIGHTS, backbone=model.teacher_backbone, trusted=trusted)
+            load_clip_weights(c.CLIP_WEIGHTS, backbone=teacher, trusted=trusted)
     if c.TEACHER_CLIP_WEIGHTS:
-        load_clip_weights(c.TEACHER_CLIP_WEIGHTS, backbone=model.teacher_backbone, trusted=trusted)
+        load_clip_weights(c.TEACHER_CLIP_WEIGHTS, backbone=teacher, trusted=trusted)
     elif not c.CLIP_WEIGHTS or c.TEACHER_OPENCLIP_MODEL:
         if not c.TEACHER_OPENCLIP_MODEL:  # random weights: still start the student equal to the teacher
-            model.backbone.load_state_dict(model.teacher_backbone.state_dict(), strict=False)
-    if c.BB_RPN_WEIGHTS and model.offline_backbone is not None:
-        load_rpn_weights(c.BB_RPN_WEIGHTS, model, trusted=trusted)
-        model._rpn_weights_file = c.BB_RPN_WEIGHTS
+            backbone.load_state_dict(teacher.state_dict(), strict=False)
+    if c.BB_RPN_WEIGHTS and parts.get("offline_backbone") is not None:
+        holder = torch.nn.Module()
+        holder.offline_backbone, holder.offline_proposal_generator = (parts["offline_backbone"],
+                                                                      parts["offline_proposal_generator"])
+        load_rpn_weights(c.BB_RPN_WEIGHTS, holder, trusted=trusted)
+        out["rpn_weights_file"] = c.BB_RPN_WEIGHTS
     if c.CONCEPT_POOL_EMB:
-        emb = load_text_embeddings(c.CONCEPT_POOL_EMB, model.backbone.embed_dim, "MODEL.CLIP.CONCEPT_POOL_EMB",
-                                   trusted=trusted)
-        t_emb = load_text_embeddings(c.TEACHER_CONCEPT_POOL_EMB, model.teacher_backbone.embed_dim,
-                                     "MODEL.CLIP.TEACHER_CONCEPT_POOL_EMB", trusted=trusted) \
-            if c.TEACHER_CONCEPT_POOL_EMB else None
-        model.set_concept_pool(emb, t_emb)
+        out["concept_emb"] = load_text_embeddings(c.CONCEPT_POOL_EMB, backbone.embed_dim,
+                                                  "MODEL.CLIP.CONCEPT_POOL_EMB", trusted=trusted)
+        if c.TEACHER_CONCEPT_POOL_EMB:
+            out["teacher_concept_emb"] = load_text_embeddings(
+                c.TEACHER_CONCEPT_POOL_EMB, teacher.embed_dim, "MODEL.CLIP.TEACHER_CONCEPT_POOL_EMB",
+                trusted=trusted)
+    return out
