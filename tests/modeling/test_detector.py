@@ -295,3 +295,33 @@ def test_encode_boxes_is_what_the_detector_scores(config, tiny_clip_config):
     torch.testing.assert_close(model.encode_boxes([x], [Boxes(torch.tensor(boxes))])[0], emb)
     with pytest.raises(ValueError, match="one per image"):
         model.encode_boxes([x, x], [torch.tensor(boxes)])
+
+
+def test_detector_is_built_from_modules_and_tensors_alone(tiny_clip_config):
+    """__init__ reads no file and takes no cfg: a detector assembled from built modules and a
+    tensor vocabulary classifies ground-truth boxes exactly as the one build_model makes."""
+    from detectron2.modeling import build_backbone
+    from detectron2.modeling.roi_heads import build_roi_heads
+
+    from regionclip_d2 import CLIPFastRCNN
+    from regionclip_d2.modeling.text import build_language_encoder
+
+    cfg = tiny_cfg(C4_GT, tiny_clip_config)
+    torch.manual_seed(0)
+    reference = build_model(cfg).eval()
+    backbone = build_backbone(cfg)
+    roi_heads = build_roi_heads(cfg, backbone.output_shape())
+    model = CLIPFastRCNN(backbone=backbone, roi_heads=roi_heads,
+                         lang_encoder=build_language_encoder("", tiny_clip_config), region_type="GT",
+                         pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
+                         train_vocabulary=torch.randn(3, 64))
+    model.load_state_dict(reference.state_dict())
+    model.eval()
+    emb = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    for m in (model, reference):
+        m.set_vocabulary(emb)
+    inp = image_input(96, 128, boxes=[[10, 10, 60, 70], [50, 20, 120, 90]])
+    with torch.no_grad():
+        a, b = model([inp])[0]["instances"], reference([inp])[0]["instances"]
+    torch.testing.assert_close(a.scores, b.scores)
+    assert torch.equal(a.pred_classes, b.pred_classes)
