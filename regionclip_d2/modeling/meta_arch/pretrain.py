@@ -93,8 +93,6 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self.roi_heads = roi_heads
         self.register_buffer("concept_emb", torch.zeros(0, backbone.embed_dim), persistent=False)
         self.register_buffer("teacher_concept_emb", torch.zeros(0, teacher_backbone.embed_dim), persistent=False)
-        if concept_emb is not None:
-            self.set_concept_pool(concept_emb, teacher_concept_emb)
         self.tau = tau
         self.concept_threshold = concept_threshold
         self.num_rpn_regions = num_rpn_regions
@@ -112,6 +110,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
                           offline_input_format)
         self._rpn_weights_file = rpn_weights_file  # BB_RPN_WEIGHTS win over a checkpoint's offline_* keys
+        if concept_emb is not None:  # after _init_inputs: the pool goes to the model's device
+            self.set_concept_pool(concept_emb, teacher_concept_emb)
         install_load_hook(self)
 
     @classmethod
