@@ -83,3 +83,22 @@ def test_two_cpu_processes(tiny_clip_config, tmp_path):
                         extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
     assert (tmp_path / "out" / "model_final.pth").is_file()
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
+
+
+def test_unseeded_run_saves_its_seed_and_resumes_exactly(tiny_clip_config, tmp_path):
+    """SEED -1: the generated seed is saved in the checkpoint; the run interrupted and resumed
+    equals an uninterrupted run given that seed (same initial weights; weights compared exactly)."""
+    run(train_cmd(tmp_path / "init", tiny_clip_config, max_iter=1))  # a fixed starting point
+    init = str(tmp_path / "init" / "out" / "model_final.pth")
+    cut = tmp_path / "cut"
+    run(train_cmd(cut, tiny_clip_config, max_iter=2, extra=["SEED", -1, "MODEL.WEIGHTS", init]))
+    seed = torch.load(cut / "out" / "model_final.pth", weights_only=True)["trainer"]["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    run(train_cmd(cut, tiny_clip_config, max_iter=4, resume=True, extra=["SEED", -1, "MODEL.WEIGHTS", init]))
+    ref = tmp_path / "ref"
+    run(train_cmd(ref, tiny_clip_config, max_iter=4, extra=["SEED", seed, "MODEL.WEIGHTS", init]))
+    a = torch.load(cut / "out" / "model_final.pth", weights_only=True)
+    b = torch.load(ref / "out" / "model_final.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 3
+    diff = [k for k in b["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not diff, diff[:5]
