@@ -116,7 +116,8 @@ def _atomic_write(path: str, write, mode: str):
             "last_checkpoint are unchanged, so --resume continues from it") from e
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (ours counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -210,7 +211,7 @@ class RegionCLIPCheckpointer(DetectionCheckpointer):
             return removed
         for name in os.listdir(self.save_dir):
             stem, sep, pid = name.rpartition(".tmp.")
-            if not sep or not pid.isdigit() or _process_alive(int(pid)):
+            if not sep or not pid.isdigit() or process_alive(int(pid)):
                 continue
             path = os.path.join(self.save_dir, name)
             try:

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from ...checkpoint.loading import process_alive
 from ...data.vocabularies import check_vocabulary, prompt_name
 from .templates import get_templates
 
@@ -166,7 +167,7 @@ def _remove_orphaned_temporaries(folder: str):
         if len(parts) < 4 or parts[-1] != "tmp" or not parts[-3].isdigit():
             continue
         pid = int(parts[-3])
-        if pid == os.getpid() or _alive(pid):
+        if process_alive(pid):
             continue
         try:
             os.remove(os.path.join(folder, name))
@@ -174,15 +175,6 @@ def _remove_orphaned_temporaries(folder: str):
         except OSError:
             pass
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_text_embeddings(path: str, expected_dim: int = None, what: str = "MODEL.CLIP.TEXT_EMB_PATH",
