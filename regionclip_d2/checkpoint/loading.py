@@ -70,25 +70,30 @@ def protect_frozen_bn(sd: Dict[str, torch.Tensor], model: nn.Module):
                 sd[p + "running_var"] = m.running_var.detach().clone()
 
 
+def _adapt_on_load(model, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """The load hook (see :func:`install_load_hook`): a function of the module it is called
+    with, not a closure, so that a deep copy or a pickle of the model keeps a working hook."""
+    if prefix:
+        return
+    adapted = adapt_state_dict(dict(state_dict), _model_keys(model))
+    rpn_file = getattr(model, "rpn_weights_file", "")
+    if rpn_file:  # the RPN branch came from MODEL.CLIP.BB_RPN_WEIGHTS: it wins over the checkpoint's
+        dropped = [k for k in adapted if k.startswith(("offline_backbone.", "offline_proposal_generator."))]
+        for k in dropped:
+            del adapted[k]
+        if dropped:
+            logger.info("RPN branch weights come from MODEL.CLIP.BB_RPN_WEIGHTS (%s); ignoring the "
+                        "%d offline_* keys of this checkpoint", rpn_file, len(dropped))
+    protect_frozen_bn(adapted, model)
+    state_dict.clear()
+    state_dict.update(adapted)
+
+
 def install_load_hook(model: nn.Module):
-    """Make ``model.load_state_dict`` accept any supported format (see module docstring)."""
-
-    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if prefix:
-            return
-        adapted = adapt_state_dict(dict(state_dict), _model_keys(model))
-        if getattr(model, "_rpn_weights_file", ""):
-            dropped = [k for k in adapted if k.startswith(("offline_backbone.", "offline_proposal_generator."))]
-            for k in dropped:
-                del adapted[k]
-            if dropped:
-                logger.info("RPN branch weights come from MODEL.CLIP.BB_RPN_WEIGHTS (%s); ignoring the "
-                            "%d offline_* keys of this checkpoint", model._rpn_weights_file, len(dropped))
-        protect_frozen_bn(adapted, model)
-        state_dict.clear()
-        state_dict.update(adapted)
-
-    model._register_load_state_dict_pre_hook(hook)
+    """Make ``model.load_state_dict`` accept any supported format (see module docstring).
+    A model with a non-empty ``rpn_weights_file`` attribute keeps its RPN branch (the
+    ``offline_*`` keys of a loaded file are ignored)."""
+    model.register_load_state_dict_pre_hook(_adapt_on_load)
 
 
 class CheckpointWriteError(OSError):

@@ -50,13 +50,12 @@ def match_vocabulary(model, dataset_name):
     """The model's test vocabulary must index the data set's classes: use the data set's
     class names when none is configured; refuse a mismatch."""
     model = unwrap(model)
-    if not hasattr(getattr(model, "roi_heads", None), "box_predictor") or \
-            not hasattr(model.roi_heads.box_predictor, "test_embeddings"):
+    if not hasattr(model, "prepare_vocabulary"):
         return  # not an open-vocabulary detector (e.g. the RPN branch's own training)
     names = list(MetadataCatalog.get(dataset_name).thing_classes)
     pred = model.roi_heads.box_predictor
-    model.class_names  # embeds pending names-based vocabularies
-    n = pred.test_embeddings.shape[0] or pred.train_embeddings.shape[0]
+    model.prepare_vocabulary()
+    n = len(pred.test_vocabulary) or len(pred.train_vocabulary)
     if not n:
         logger.info("no vocabulary configured: embedding the %d class names of %s", len(names), dataset_name)
         model.set_vocabulary(names)

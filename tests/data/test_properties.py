@@ -571,7 +571,7 @@ def _predictor(fusion, no_box_delta, thresh):
 def test_score_fusion_and_postprocessing(boxes, logits, fusion, no_box_delta, size, n_classes, thresh, seed):
     g = torch.Generator().manual_seed(seed)
     pred = _predictor(fusion, no_box_delta, thresh)
-    pred.set_test_vocabulary(torch.randn(n_classes, 8, generator=g))
+    pred.test_vocabulary.set(torch.randn(n_classes, 8, generator=g))
     n = len(boxes)
     logits = logits[:n]
     p = Instances(size, proposal_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)),

@@ -68,7 +68,7 @@ def test_logits_by_hand_and_zero_background(tiny_clip_config):
     model = tiny_model(C4_GT, tiny_clip_config)
     pred = model.roi_heads.box_predictor
     emb = torch.randn(3, 64)
-    pred.set_test_vocabulary(emb)
+    pred.test_vocabulary.set(emb)
     x = torch.randn(5, 64)
     logits, deltas = pred(x)
     expected = torch.nn.functional.cosine_similarity(x[:, None], emb[None], dim=-1) / 0.01
@@ -92,7 +92,7 @@ def test_score_fusion(tiny_clip_config, fusion):
     pred.fusion = fusion
     pred.no_box_delta = True
     pred.test_score_thresh = 0.0
-    pred.set_test_vocabulary(torch.randn(3, 64))
+    pred.test_vocabulary.set(torch.randn(3, 64))
     x = torch.randn(4, 64)
     proposals = [_fake_proposals([2.0, -1.0, 0.5, -3.0])]
     predictions = pred(x)
@@ -260,12 +260,12 @@ def test_vocabulary_names_are_reembedded_after_loading_weights(tiny_clip_config,
     model = tiny_model(C4_GT, tiny_clip_config)
     x = [image_input(64, 64, boxes=[[0, 0, 30, 30]])]
     model(x)
-    before = model.roi_heads.box_predictor.train_embeddings.clone()
+    before = model.roi_heads.box_predictor.train_vocabulary.embeddings.clone()
     sd = {k: (v + torch.randn_like(v) if k == "lang_encoder.text_projection" else v)
           for k, v in model.state_dict().items()}
     model.load_state_dict(sd)
     model(x)
-    after = model.roi_heads.box_predictor.train_embeddings
+    after = model.roi_heads.box_predictor.train_vocabulary.embeddings
     assert not torch.allclose(before, after)  # the new language encoder embedded the names again
 
 
@@ -286,7 +286,7 @@ def test_encode_boxes_is_what_the_detector_scores(config, tiny_clip_config):
         images = model.preprocess_image([x])
         features = model.backbone(images.tensor)
         regions = model.get_regions([x])
-        feats = model.roi_heads.encode_boxes(features, [r.proposal_boxes for r in regions], model.region_encoder())
+        feats = model.roi_heads.encode_boxes(features, [r.proposal_boxes for r in regions])
         logits, _ = pred(feats) if config == C4_GT else pred(model.roi_heads.box_head(
             model.roi_heads.box_pooler([features[f] for f in model.roi_heads.box_in_features],
                                        [r.proposal_boxes for r in regions])))

@@ -97,7 +97,7 @@ def test_concurrent_predictions_match_sequential(tiny_clip_config, tmp_path, mon
 
     monkeypatch.setenv("REGIONCLIP_CACHE", str(tmp_path / "fresh_cache"))  # the first calls embed and write
     predictor = _predictor(tiny_clip_config)
-    assert predictor.model._stale_vocab == {"train"}  # names: embedded on the first call
+    assert predictor.model.roi_heads.box_predictor.train_vocabulary.stale  # names: embedded on the first call
     slow_embed = _Slow(embed_class_names, 0.2)
     slow_save = _Slow(torch.save, 0.05, after=True)
     with mock.patch.object(clip_rcnn, "embed_class_names", slow_embed), mock.patch.object(embedding.torch, "save",
@@ -151,7 +151,7 @@ def test_set_vocabulary_while_predicting(tiny_clip_config):
             model.set_vocabulary(*vocabularies[k % 2])
             k += 1
             names = model.class_names
-            emb = model.roi_heads.box_predictor.test_embeddings
+            emb = model.roi_heads.box_predictor.test_vocabulary.embeddings
             assert len(names) == emb.shape[0]  # names and embeddings belong together
         return k
 
@@ -200,6 +200,6 @@ def test_concurrent_set_vocabulary_keeps_names_with_embeddings(tiny_clip_config)
         b = ex.submit(model.set_vocabulary, *second)
         a.result(), b.result()
     names = model.class_names
-    emb = model.roi_heads.box_predictor.test_embeddings
+    emb = model.roi_heads.box_predictor.test_vocabulary.embeddings
     assert names in (list(first[1]), list(second[1]))
     torch.testing.assert_close(emb, first[0] if names == list(first[1]) else second[0])

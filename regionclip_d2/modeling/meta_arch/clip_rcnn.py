@@ -6,120 +6,42 @@ text embeddings -> fused scores -> Instances.
 """
 import contextlib
 import logging
-import threading
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from detectron2.config import configurable, get_cfg
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ...checkpoint.loading import check_weights_file, install_load_hook, load_clip_weights, load_rpn_weights
+from ...checkpoint.loading import check_weights_file, load_clip_weights, load_rpn_weights
 from ...config import check_config
 from ...data.vocabularies import load_vocabulary
 from ..text import build_language_encoder, embed_class_names, load_text_embeddings
+from .two_branch import TwoBranchModel, build_offline_rpn_cfg, rpn_branch_from_config
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CLIPFastRCNN", "load_from_cfg", "build_offline_rpn_cfg"]
+
 REGION_TYPES = ("RPN", "GT", "PROPOSALS")
-
-# Serialises vocabulary changes (the lazy embedding of names on the first call, and
-# set_vocabulary) so that threads sharing a model embed a vocabulary once and always see
-# embeddings and names that belong together. One lock for all models: a lock attribute
-# would make the module impossible to deepcopy or pickle, and vocabulary changes are rare.
-_VOCABULARY_LOCK = threading.RLock()
-
-
-def build_offline_rpn_cfg(cfg):
-    """The detectron2 config of the separate RPN branch, with the overrides of MODEL.CLIP."""
-    if not cfg.MODEL.CLIP.OFFLINE_RPN_CONFIG:
-        raise ValueError("MODEL.CLIP.CROP_REGION_TYPE is 'RPN' but MODEL.CLIP.OFFLINE_RPN_CONFIG is empty: "
-                         "give the yaml of the RPN branch, or set CROP_REGION_TYPE to 'GT'")
-    from ... import resolve_config_path
-
-    ocfg = get_cfg()
-    ocfg.set_new_allowed(True)
-    ocfg.merge_from_file(resolve_config_path(cfg.MODEL.CLIP.OFFLINE_RPN_CONFIG))
-    if cfg.MODEL.CLIP.OFFLINE_RPN_NMS_THRESH:
-        ocfg.MODEL.RPN.NMS_THRESH = cfg.MODEL.CLIP.OFFLINE_RPN_NMS_THRESH
-    if cfg.MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST:
-        ocfg.MODEL.RPN.POST_NMS_TOPK_TEST = cfg.MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST
-    ocfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    return ocfg
-
-
-class TwoBranchInputs:
-    """Input normalisation shared by the CLIP meta-architectures: the recognition branch
-    (CLIP) and the localization branch (the RPN, its own format and mean/std)."""
-
-    def _init_inputs(self, pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
-                     offline_input_format):
-        self.input_format = input_format
-        self.offline_input_format = offline_input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_mean", torch.tensor(offline_pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("offline_pixel_std", torch.tensor(offline_pixel_std).view(-1, 1, 1), False)
-        # official convention: a mean summing to < 3 means the model works on 0..1 input
-        self.div_pixel = float(np.sum(pixel_mean)) < 3.0
-        self.offline_div_pixel = float(np.sum(offline_pixel_mean)) < 3.0
-
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs):
-        """Recognition branch input: RGB, /255 when the mean is in 0..1 units, CLIP
-        normalisation, zero padding (in normalised space) to the batch's largest size."""
-        images = [self._to_format(x["image"], self.input_format).to(self.device) for x in batched_inputs]
-        if self.div_pixel:
-            images = [x / 255.0 for x in images]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        if getattr(self, "channels_last", False):
-            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
-        # images smaller than the backbone's total stride are padded (zeros) to 32 px;
-        # larger ones are left as they are, like the official code
-        h, w = images.tensor.shape[-2:]
-        if h < 32 or w < 32:
-            t = torch.nn.functional.pad(images.tensor, (0, max(0, 32 - w), 0, max(0, 32 - h)))
-            images = ImageList(t, images.image_sizes)
-        return images
-
-    def offline_preprocess_image(self, batched_inputs):
-        """RPN branch input: its own format, mean/std, padded to its size divisibility."""
-        images = [self._to_format(x["image"], self.offline_input_format).to(self.device).float()
-                  for x in batched_inputs]
-        if self.offline_div_pixel:
-            images = [x / 255.0 for x in images]
-        images = [(x - self.offline_pixel_mean) / self.offline_pixel_std for x in images]
-        return ImageList.from_tensors(images, self.offline_backbone.size_divisibility)
-
-    def _to_format(self, image: torch.Tensor, fmt: str) -> torch.Tensor:
-        # Inputs follow cfg.INPUT.FORMAT (the recognition branch's); flip for the other format.
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"each input 'image' must be a [3, H, W] tensor in {self.input_format} order, "
-                             f"got shape {tuple(image.shape)}")
-        if image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"an input image is empty (shape {tuple(image.shape)}): give an image with pixels")
-        if fmt != self.input_format and {fmt, self.input_format} == {"RGB", "BGR"}:
-            image = image.flip(0)
-        return image.float()
-
 
 
 @META_ARCH_REGISTRY.register()
-class CLIPFastRCNN(TwoBranchInputs, nn.Module):
+class CLIPFastRCNN(TwoBranchModel):
     """Two branches: localization (a frozen detectron2 backbone + RPN, its own input
     format and normalisation) and recognition (a CLIP ResNet + CLIP RoI head).
 
     Regions come from ``region_type``: ``RPN`` (the RPN branch), ``GT`` (the boxes of
     each input's ``instances``) or ``PROPOSALS`` (each input's ``proposals``).
+
+    The vocabularies (training and test) are the box predictor's (``roi_heads.box_predictor
+    .cls_score``, see ``roi_heads/vocabulary.py``); this model embeds those given as names with
+    its language encoder (:meth:`prepare_vocabulary`), on first use and after new text-encoder
+    weights are loaded.
     """
 
     @configurable
@@ -141,12 +63,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         self.backbone = backbone
         self.roi_heads = roi_heads
         self.lang_encoder = lang_encoder
-        self.offline_backbone = offline_backbone
-        self.offline_proposal_generator = offline_proposal_generator
         self.region_type = region_type
-        self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
-                          offline_input_format)
-        self.train_offline_rpn = train_offline_rpn
         self.prompt_templates = prompt_templates
         if inference_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"MODEL.CLIP.INFERENCE_DTYPE={inference_dtype!r}: use float32 or bfloat16")
@@ -154,40 +71,21 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        # where the RPN branch's weights came from (MODEL.CLIP.BB_RPN_WEIGHTS): they win over a
-        # later checkpoint's offline_* keys (see checkpoint.loading.install_load_hook)
-        self._rpn_weights_file = rpn_weights_file
         self.lang_encoder_loaded = lang_encoder_loaded  # becomes True when text-encoder weights arrive
-        if self.offline_backbone is not None and not train_offline_rpn:
-            for m in (self.offline_backbone, self.offline_proposal_generator):
-                for p in m.parameters():
-                    p.requires_grad = False
-        if self.lang_encoder is not None:
-            for p in self.lang_encoder.parameters():
-                p.requires_grad = False
-        self._vocab_specs = {}  # "train"/"test" -> vocabulary given as names
-        self._stale_vocab = set()  # names-based vocabularies to re-embed (after new weights)
-        install_load_hook(self)
-        self.register_load_state_dict_post_hook(self._after_load)
-        for split, vocab in (("train", train_vocabulary), ("test", test_vocabulary)):
+        self._init_two_branch(pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
+                              offline_backbone=offline_backbone,
+                              offline_proposal_generator=offline_proposal_generator,
+                              offline_pixel_mean=offline_pixel_mean, offline_pixel_std=offline_pixel_std,
+                              offline_input_format=offline_input_format, train_offline_rpn=train_offline_rpn,
+                              rpn_weights_file=rpn_weights_file)
+        if hasattr(self.roi_heads, "set_region_encoder"):  # C4: res5 + attention pool are the backbone's
+            self.roi_heads.set_region_encoder(self.clip_resnet.encode_pooled_regions)
+        self.register_load_state_dict_post_hook(_text_encoder_loaded)
+        for train, vocab in ((True, train_vocabulary), (False, test_vocabulary)):
             if torch.is_tensor(vocab):
-                self.set_vocabulary(vocab, train=(split == "train"))
+                self.set_vocabulary(vocab, train=train)
             elif vocab is not None:  # names: embedded on first use, after any weights are loaded
-                self._vocab_specs[split] = list(vocab)
-                self._stale_vocab.add(split)
-
-    @staticmethod
-    def _after_load(module, incompatible_keys):
-        # new language-encoder weights: vocabularies given as names are embedded again
-        if not any(k.startswith("lang_encoder.") for k in incompatible_keys.missing_keys):
-            module.lang_encoder_loaded = True
-        module._stale_vocab |= set(module._vocab_specs)
-
-    def _refresh_vocabulary(self):
-        with _VOCABULARY_LOCK:  # concurrent first calls: one thread embeds, the others wait for it
-            for split in sorted(self._stale_vocab):
-                self.set_vocabulary(self._vocab_specs[split], train=(split == "train"))
-            self._stale_vocab.clear()
+                self._vocabulary(train).request(load_vocabulary(vocab))
 
     @classmethod
     def from_config(cls, cfg):
@@ -207,13 +105,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
             "inference_dtype": c.INFERENCE_DTYPE,
             "channels_last": c.CHANNELS_LAST,
         }
-        if c.CROP_REGION_TYPE == "RPN":
-            ocfg = build_offline_rpn_cfg(cfg)
-            ob = build_backbone(ocfg)
-            ret.update(offline_backbone=ob,
-                       offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
-                       offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
-                       offline_input_format=ocfg.INPUT.FORMAT)
+        ret.update(rpn_branch_from_config(cfg))
         ret.update(load_from_cfg(cfg, ret))
         return ret
 
@@ -227,22 +119,27 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
     def embed_dim(self) -> int:
         return self.clip_resnet.embed_dim
 
+    def frozen_modules(self) -> List[nn.Module]:
+        return super().frozen_modules() + ([self.lang_encoder] if self.lang_encoder is not None else [])
+
+    # ------------------------------------------------------------------ vocabulary
+    def _vocabulary(self, train: bool):
+        pred = self.roi_heads.box_predictor
+        return pred.train_vocabulary if train else pred.test_vocabulary
+
     @property
     def class_names(self) -> Optional[List[str]]:
-        if self._stale_vocab:
-            self._refresh_vocabulary()
+        """Names of the vocabulary the next call uses (None for a bare tensor vocabulary)."""
         return self.roi_heads.box_predictor.class_names
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.offline_backbone is not None and not self.train_offline_rpn:
-            self.offline_backbone.eval()  # the RPN branch is always in eval mode when frozen
-            self.offline_proposal_generator.eval()
-        if self.lang_encoder is not None:
-            self.lang_encoder.eval()
-        return self
+    def prepare_vocabulary(self):
+        """Embed the vocabularies given as names that are not embedded with the current
+        text encoder (the model's calls do this themselves; trainers call it before
+        wrapping the model)."""
+        for train in (True, False):
+            self._vocabulary(train).refresh(lambda names: self.embed_vocabulary(names)[0])
 
-    def embed_vocabulary(self, vocabulary) -> (torch.Tensor, List[str]):
+    def embed_vocabulary(self, vocabulary) -> Tuple[torch.Tensor, List[str]]:
         """Names (list, builtin name, file or 'a,b,c') -> (``[C, D]`` embeddings, names)."""
         if self.lang_encoder is None:
             raise RuntimeError("this model has no language encoder: pass a [C, D] tensor instead of names")
@@ -261,7 +158,8 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
 
         ``vocabulary``: class names (a list, a builtin name such as ``coco`` / ``lvis``, a
         .txt/.json file, or ``"a,b,c"``), embedded with the model's language encoder
-        (cached on disk), or a ``[C, D]`` tensor of text embeddings (then ``names`` is optional).
+        (cached on disk) and embedded again if new text-encoder weights are loaded later, or
+        a ``[C, D]`` tensor of text embeddings (then ``names`` is optional).
 
         Thread safety: the embeddings and names are replaced together, under a lock. Calls
         of the model running in other threads meanwhile each use either the old or the new
@@ -269,23 +167,20 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         names): change the vocabulary while no prediction is in flight.
         """
         if torch.is_tensor(vocabulary):
-            emb = vocabulary
-            if names is not None and len(names) != emb.shape[0]:
-                raise ValueError(f"{len(names)} names given for {emb.shape[0]} embeddings")
-        else:
-            emb, names = self.embed_vocabulary(vocabulary)
-        pred = self.roi_heads.box_predictor
-        with _VOCABULARY_LOCK:
-            if not torch.is_tensor(vocabulary):
-                self._vocab_specs["train" if train else "test"] = list(names)
-            if train:
-                pred.set_train_vocabulary(emb, names)
-            else:
-                pred.set_test_vocabulary(emb, names)
+            self._vocabulary(train).set(vocabulary, names, source="tensor")
+            return names
+        emb, names = self.embed_vocabulary(vocabulary)
+        self._vocabulary(train).set(emb, names, source="names")
         return names
 
     # ------------------------------------------------------------------ regions
-    def get_regions(self, batched_inputs, gt_instances=None) -> List[Instances]:
+    def get_regions(self, batched_inputs) -> List[Instances]:
+        """The regions the detector classifies, per input (``proposal_boxes``; with the RPN
+        also ``objectness_logits``)."""
+        return self._regions(batched_inputs)[0]
+
+    def _regions(self, batched_inputs, gt_instances=None) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        """Regions per input, and the RPN branch's losses (when it is trained)."""
         if self.region_type == "GT":
             regions = []
             for x in batched_inputs:
@@ -296,24 +191,15 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
                 r = Instances(inst.image_size)
                 r.proposal_boxes = inst.gt_boxes.clone()
                 regions.append(r)
-            return regions
+            return regions, {}
         if self.region_type == "PROPOSALS":
             regions = []
             for x in batched_inputs:
                 if "proposals" not in x:
                     raise ValueError("MODEL.CLIP.CROP_REGION_TYPE is 'PROPOSALS' but an input has no 'proposals'")
                 regions.append(x["proposals"].to(self.device))
-            return regions
-        with torch.set_grad_enabled(self.training and self.train_offline_rpn):
-            images = self.offline_preprocess_image(batched_inputs)
-            features = self.offline_backbone(images.tensor)
-            proposals, losses = self.offline_proposal_generator(
-                images, features, gt_instances if self.training and self.train_offline_rpn else None)
-        self._rpn_losses = losses if self.training and self.train_offline_rpn else {}
-        return [p.to(self.device) for p in proposals]
-
-    def region_encoder(self):
-        return self.clip_resnet.encode_pooled_regions
+            return regions, {}
+        return self.propose(batched_inputs, gt_instances)
 
     def encode_boxes(self, batched_inputs: List[Dict], boxes: Sequence) -> List[torch.Tensor]:
         """Embeddings of given boxes, computed as the detector computes region embeddings
@@ -335,25 +221,24 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         with torch.no_grad():
             images = self.preprocess_image(batched_inputs)
             features = self.backbone(images.tensor)
-            emb = self.roi_heads.encode_boxes(features, boxes, region_encoder=self.region_encoder())
+            emb = self.roi_heads.encode_boxes(features, boxes)
         return list(torch.nn.functional.normalize(emb.float(), dim=-1).split([len(b) for b in boxes]))
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
-        if self._stale_vocab:
-            self._refresh_vocabulary()
+        self.prepare_vocabulary()
         if not self.training:
             return self.inference(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs] \
             if "instances" in batched_inputs[0] else None
-        regions = self.get_regions(batched_inputs, gt_instances)
+        regions, losses = self._regions(batched_inputs, gt_instances)
         if self.region_type == "GT":
             for r in regions:
                 r.objectness_logits = torch.ones(len(r), device=self.device)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        _, losses = self.roi_heads(images, features, regions, gt_instances, region_encoder=self.region_encoder())
-        losses.update(getattr(self, "_rpn_losses", {}))
+        _, detector_losses = self.roi_heads(images, features, regions, gt_instances)
+        losses.update(detector_losses)
         return losses
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
@@ -361,8 +246,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
         Runs under ``torch.inference_mode``; with ``INFERENCE_DTYPE bfloat16`` the
         networks run under autocast (scores and boxes come back as float32)."""
         assert not self.training
-        if self._stale_vocab:  # outside inference mode: the embeddings may serve training later
-            self._refresh_vocabulary()
+        self.prepare_vocabulary()  # outside inference mode: the embeddings may serve training later
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
             if self.inference_dtype == "bfloat16" else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
@@ -380,8 +264,7 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
                 sub_images = ImageList(images.tensor[nonempty], [images.image_sizes[i] for i in nonempty])
             else:
                 sub_images = images
-            outs, _ = self.roi_heads(sub_images, features, [regions[i] for i in nonempty], None,
-                                     region_encoder=self.region_encoder())
+            outs, _ = self.roi_heads(sub_images, features, [regions[i] for i in nonempty], None)
             for i, o in zip(nonempty, outs):
                 results[i] = o
         for i, r in enumerate(regions):
@@ -399,6 +282,16 @@ class CLIPFastRCNN(TwoBranchInputs, nn.Module):
             w = x.get("width", size[1])
             out.append({"instances": detector_postprocess(res, h, w)})
         return out
+
+
+def _text_encoder_loaded(model, incompatible_keys):
+    """Post-load hook: new language-encoder weights arrived, so vocabularies given as names
+    are embedded again (by the next call or :meth:`CLIPFastRCNN.prepare_vocabulary`)."""
+    if model.lang_encoder is None or any(k.startswith("lang_encoder.") for k in incompatible_keys.missing_keys):
+        return
+    model.lang_encoder_loaded = True
+    for train in (True, False):
+        model._vocabulary(train).text_encoder_changed()
 
 
 class _Parts(nn.Module):

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
-from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import Boxes
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
-from ...checkpoint.loading import install_load_hook, load_clip_weights, load_rpn_weights
+from ...checkpoint.loading import load_clip_weights, load_rpn_weights
 from ...config import check_config
 from ..backbone.clip_resnet import clip_resnet_from_cfg
 from ..losses import (
@@ -28,8 +29,9 @@ from ..losses import (
     region_concept_contrastive_loss,
     region_concept_distillation_loss,
 )
+from ..poolers import thread_roi_align
 from ..text import build_language_encoder, load_text_embeddings
-from .clip_rcnn import TwoBranchInputs, build_offline_rpn_cfg
+from .two_branch import TwoBranchModel, rpn_branch_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,36 @@ def random_boxes(h: int, w: int, n: int, generator=None, min_frac: float = 0.1, 
     return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).to(device)
 
 
+class PretrainRegionPooler(nn.Module):
+    """Region features for pretraining: RoIAlign on the student's and on the teacher's res4
+    maps (each with its own output size), then that backbone's res5 + attention pool (the
+    ``region_encoder`` passed in; neither res5 is owned here)."""
+
+    @configurable
+    def __init__(self, *, in_features: List[str], pooler: ROIPooler, teacher_pooler: ROIPooler):
+        super().__init__()
+        self.in_features = in_features
+        self.pooler = pooler
+        self.teacher_pooler = teacher_pooler
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        scale = (1.0 / input_shape[in_features[0]].stride,)
+        kw = dict(sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                  pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, scales=scale)
+        res, t_res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, cfg.MODEL.CLIP.TEACHER_POOLER_RESOLUTION
+        return dict(in_features=in_features, pooler=thread_roi_align(ROIPooler(output_size=(res, res), **kw)),
+                    teacher_pooler=thread_roi_align(ROIPooler(output_size=(t_res, t_res), **kw)))
+
+    def forward(self, features, boxes: List[Boxes], region_encoder, teacher: bool = False) -> torch.Tensor:
+        """``[R, D]`` region embeddings of ``boxes`` (one Boxes per image) from ``features``."""
+        pooler = self.teacher_pooler if teacher else self.pooler
+        return region_encoder(pooler([features[f] for f in self.in_features], boxes))
+
+
 @META_ARCH_REGISTRY.register()
-class PretrainFastRCNN(TwoBranchInputs, nn.Module):
+class PretrainFastRCNN(TwoBranchModel):
     """Student CLIP ResNet (``backbone``, trained), teacher CLIP ResNet (``teacher_backbone``,
     frozen), language encoder (``lang_encoder``, frozen), and the RPN branch
     (``offline_backbone`` + ``offline_proposal_generator``, frozen) for RPN regions.
@@ -66,7 +96,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
     """
 
     @configurable
-    def __init__(self, *, backbone, teacher_backbone, lang_encoder, roi_heads, offline_backbone=None,
+    def __init__(self, *, backbone, teacher_backbone, lang_encoder, region_pooler, offline_backbone=None,
                  offline_proposal_generator=None, region_type="RPN", concept_emb=None, teacher_concept_emb=None,
                  tau=0.01,
                  concept_threshold=0.1, num_rpn_regions=300, num_sample_regions=100, grid=(3, 3),
@@ -83,14 +113,8 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self.backbone = backbone
         self.teacher_backbone = teacher_backbone
         self.lang_encoder = lang_encoder
-        self.offline_backbone = offline_backbone
-        self.offline_proposal_generator = offline_proposal_generator
-        for m in (teacher_backbone, lang_encoder, offline_backbone, offline_proposal_generator):
-            if m is not None:
-                for p in m.parameters():
-                    p.requires_grad = False
         self.region_type = region_type
-        self.roi_heads = roi_heads
+        self.region_pooler = region_pooler
         self.register_buffer("concept_emb", torch.zeros(0, backbone.embed_dim), persistent=False)
         self.register_buffer("teacher_concept_emb", torch.zeros(0, teacher_backbone.embed_dim), persistent=False)
         self.tau = tau
@@ -107,12 +131,13 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                              f"{CONTRASTIVE_FORMS}")
         self.contrastive_form = contrastive_form
         self.legacy_padded_image_box = legacy_padded_image_box
-        self._init_inputs(pixel_mean, pixel_std, input_format, offline_pixel_mean, offline_pixel_std,
-                          offline_input_format)
-        self._rpn_weights_file = rpn_weights_file  # BB_RPN_WEIGHTS win over a checkpoint's offline_* keys
-        if concept_emb is not None:  # after _init_inputs: the pool goes to the model's device
+        self._init_two_branch(pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
+                              offline_backbone=offline_backbone,
+                              offline_proposal_generator=offline_proposal_generator,
+                              offline_pixel_mean=offline_pixel_mean, offline_pixel_std=offline_pixel_std,
+                              offline_input_format=offline_input_format, rpn_weights_file=rpn_weights_file)
+        if concept_emb is not None:  # after _init_two_branch: the pool goes to the model's device
             self.set_concept_pool(concept_emb, teacher_concept_emb)
-        install_load_hook(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -124,7 +149,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         ret = dict(
             backbone=backbone, teacher_backbone=teacher,
             lang_encoder=build_language_encoder(c.OPENCLIP_MODEL, c.OPENCLIP_MODEL_CONFIG),
-            roi_heads=build_roi_heads(cfg, backbone.output_shape()),
+            region_pooler=PretrainRegionPooler(cfg, backbone.output_shape()),
             region_type=c.CROP_REGION_TYPE, tau=c.CLSS_TEMP,
             concept_threshold=c.CONCEPT_THRES, num_rpn_regions=c.PRETRAIN_RPN_REGIONS,
             num_sample_regions=c.PRETRAIN_SAMPLE_REGIONS, grid=c.GRID_REGIONS, num_random_regions=c.RANDOM_REGIONS,
@@ -132,17 +157,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             contrastive_form=c.PRETRAIN_CONTRASTIVE_FORM, legacy_padded_image_box=c.LEGACY_PADDED_IMAGE_BOX,
             pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, input_format=cfg.INPUT.FORMAT,
         )
-        if c.CROP_REGION_TYPE == "RPN":
-            ocfg = build_offline_rpn_cfg(cfg)
-            ocfg.defrost()
-            ocfg.MODEL.RPN.POST_NMS_TOPK_TEST = c.PRETRAIN_RPN_REGIONS
-            if c.OFFLINE_RPN_NMS_THRESH:
-                ocfg.MODEL.RPN.NMS_THRESH = c.OFFLINE_RPN_NMS_THRESH
-            ob = build_backbone(ocfg)
-            ret.update(offline_backbone=ob,
-                       offline_proposal_generator=build_proposal_generator(ocfg, ob.output_shape()),
-                       offline_pixel_mean=ocfg.MODEL.PIXEL_MEAN, offline_pixel_std=ocfg.MODEL.PIXEL_STD,
-                       offline_input_format=ocfg.INPUT.FORMAT)
+        ret.update(rpn_branch_from_config(cfg, post_nms_topk_test=c.PRETRAIN_RPN_REGIONS))
         ret.update(load_pretrain_from_cfg(cfg, ret))
         return ret
 
@@ -164,29 +179,35 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
         self.concept_emb = concept_emb.float().to(self.pixel_mean.device)
         self.teacher_concept_emb = teacher_concept_emb.float().to(self.pixel_mean.device)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in (self.teacher_backbone, self.lang_encoder, self.offline_backbone, self.offline_proposal_generator):
-            if m is not None:
-                m.eval()
-        return self
+    def frozen_modules(self) -> List[nn.Module]:
+        """The teacher, the language encoder and the RPN branch (always frozen in pretraining)."""
+        rpn = [self.offline_backbone, self.offline_proposal_generator] if self.has_rpn_branch else []
+        return [m for m in (self.teacher_backbone, self.lang_encoder) if m is not None] + rpn
 
     # ------------------------------------------------------------------ regions
     @torch.no_grad()
-    def get_regions(self, batched_inputs, image_sizes) -> List[Boxes]:
-        if self.region_type == "GRID":
-            return [Boxes(grid_boxes(h, w, *self.grid, device=self.device)) for h, w in image_sizes]
-        if self.region_type == "RANDOM":
-            return [Boxes(random_boxes(h, w, self.num_random_regions, device=self.device)) for h, w in image_sizes]
-        images = self.offline_preprocess_image(batched_inputs)
-        proposals, _ = self.offline_proposal_generator(images, self.offline_backbone(images.tensor), None)
+    def get_regions(self, batched_inputs, image_sizes=None) -> List[Instances]:
+        """The regions of each input (``proposal_boxes``): the RPN branch's top
+        PRETRAIN_RPN_REGIONS, of which PRETRAIN_SAMPLE_REGIONS at random; a grid; or random
+        boxes. ``image_sizes``: ``(h, w)`` per input (default: the images' own)."""
+        if image_sizes is None:
+            image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        if self.region_type == "RPN":
+            boxes = []
+            for p in self.propose(batched_inputs)[0]:
+                b = p.proposal_boxes[: self.num_rpn_regions]
+                if len(b) > self.num_sample_regions:  # sample at random among the top regions
+                    b = b[torch.randperm(len(b), device=b.tensor.device)[: self.num_sample_regions]]
+                boxes.append(b)
+        elif self.region_type == "GRID":
+            boxes = [Boxes(grid_boxes(h, w, *self.grid, device=self.device)) for h, w in image_sizes]
+        else:
+            boxes = [Boxes(random_boxes(h, w, self.num_random_regions, device=self.device)) for h, w in image_sizes]
         regions = []
-        for p in proposals:
-            boxes = p.proposal_boxes[: self.num_rpn_regions]
-            if len(boxes) > self.num_sample_regions:  # sample at random among the top regions
-                idx = torch.randperm(len(boxes), device=boxes.tensor.device)[: self.num_sample_regions]
-                boxes = boxes[idx]
-            regions.append(boxes)
+        for b, size in zip(boxes, image_sizes):
+            r = Instances(tuple(size))
+            r.proposal_boxes = b
+            regions.append(r)
         return regions
 
     def image_box_sizes(self, images) -> List[tuple]:
@@ -204,14 +225,14 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
             raise RuntimeError("no concept pool: set MODEL.CLIP.CONCEPT_POOL_EMB (make it with "
                                "tools/extract_concepts.py) or call model.set_concept_pool(...)")
         images = self.preprocess_image(batched_inputs)
-        regions = self.get_regions(batched_inputs, images.image_sizes)
+        regions = [r.proposal_boxes for r in self.get_regions(batched_inputs, images.image_sizes)]
         with torch.no_grad():
-            t_feats = self.roi_heads(self.teacher_backbone(images.tensor), regions,
-                                     self.teacher_backbone.encode_pooled_regions, teacher=True)
+            t_feats = self.region_pooler(self.teacher_backbone(images.tensor), regions,
+                                         self.teacher_backbone.encode_pooled_regions, teacher=True)
             labels, soft, keep = pseudo_labels(cosine_logits(t_feats, self.teacher_concept_emb, self.tau),
                                                self.concept_threshold)
         s_features = self.backbone(images.tensor)
-        s_feats = self.roi_heads(s_features, regions, self.backbone.encode_pooled_regions)
+        s_feats = self.region_pooler(s_features, regions, self.backbone.encode_pooled_regions)
         if not self.training:
             out, start = [], 0
             for r in regions:
@@ -236,7 +257,7 @@ class PretrainFastRCNN(TwoBranchInputs, nn.Module):
                 text = self.lang_encoder(self.lang_encoder.tokenize(captions)).float()
             full = [Boxes(torch.tensor([[0.0, 0.0, w_, h_]], device=self.device, dtype=torch.float32))
                     for h_, w_ in self.image_box_sizes(images)]
-            img_emb = self.roi_heads(s_features, full, self.backbone.encode_pooled_regions)
+            img_emb = self.region_pooler(s_features, full, self.backbone.encode_pooled_regions)
             losses["loss_image_text"] = w[2] * image_text_contrastive_loss(img_emb, text, self.tau, self.gather)
         if _CURRENT_STORAGE_STACK:  # inside a trainer: log how many regions and concepts were used
             storage = get_event_storage()

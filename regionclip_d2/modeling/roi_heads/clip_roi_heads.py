@@ -2,13 +2,14 @@
 
 C4 (``CLIPRes5ROIHeads``): RoIAlign v2 on res4 -> the backbone's res5 (``layer4``) ->
 CLIP's attention pool -> the open-vocabulary predictor. res5 and the attention pool
-belong to the backbone (as in the official checkpoints) and are reached through the
-``region_encoder`` callable passed by the meta-architecture.
+belong to the backbone (as in the official checkpoints): the meta-architecture hands the
+head that encoder once, at construction (``set_region_encoder``); it is not a submodule of
+the head, so its weights keep their ``backbone.*`` keys.
 
 FPN (``CLIPStandardROIHeads``): detectron2's multi-level RoIAlign and box head, then
 the open-vocabulary predictor (a learned projection into the text space).
 """
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -35,12 +36,18 @@ class CLIPRes5ROIHeads(ROIHeads):
 
     @configurable
     def __init__(self, *, in_features: List[str], pooler: ROIPooler, box_predictor: OpenVocabularyPredictor,
-                 region_chunk_size: int = 0, **kwargs):
+                 region_chunk_size: int = 0, region_encoder: Optional[Callable] = None, **kwargs):
         super().__init__(**kwargs)
         self.in_features = in_features
         self.pooler = pooler
         self.box_predictor = box_predictor
         self.region_chunk_size = region_chunk_size
+        self.region_encoder = region_encoder
+
+    def set_region_encoder(self, region_encoder: Callable):
+        """``[R, C, S, S]`` pooled res4 features -> ``[R, D]`` embeddings (the backbone's res5 +
+        attention pool, e.g. ``CLIPResNet.encode_pooled_regions``)."""
+        self.region_encoder = region_encoder
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -60,35 +67,37 @@ class CLIPRes5ROIHeads(ROIHeads):
         )
         return ret
 
-    def region_features(self, features, boxes, region_encoder: Callable) -> torch.Tensor:
+    def _encoder(self) -> Callable:
+        if self.region_encoder is None:
+            raise ValueError("CLIPRes5ROIHeads has no region encoder: call set_region_encoder(backbone res5 + "
+                             "attention pool) first (CLIPFastRCNN does this when it is built)")
+        return self.region_encoder
+
+    def region_features(self, features, boxes) -> torch.Tensor:
         """``[R, D]`` embeddings of the boxes (a list of Boxes, one per image). With
         ``region_chunk_size`` the regions are pooled and encoded a chunk at a time, so
         memory does not grow with the number of regions beyond the ``[R, D]`` output."""
+        encoder = self._encoder()
         x = [features[f] for f in self.in_features]
         n = sum(len(b) for b in boxes)
         chunk = self.region_chunk_size
         if chunk <= 0 or n <= chunk or len(self.pooler.level_poolers) != 1:
-            return encode_in_chunks(region_encoder, self.pooler(x, boxes), chunk)
+            return encode_in_chunks(encoder, self.pooler(x, boxes), chunk)
         rois = convert_boxes_to_pooler_format(boxes)
         level = self.pooler.level_poolers[0]
-        return torch.cat([region_encoder(level(x[0], rois[i:i + chunk])) for i in range(0, n, chunk)], dim=0)
+        return torch.cat([encoder(level(x[0], rois[i:i + chunk])) for i in range(0, n, chunk)], dim=0)
 
-    def encode_boxes(self, features, boxes, region_encoder: Callable = None) -> torch.Tensor:
+    def encode_boxes(self, features, boxes) -> torch.Tensor:
         """``[R, D]`` text-space embeddings (not normalised) of ``boxes`` (a list of Boxes,
         one per image), exactly as the detector scores regions."""
-        if region_encoder is None:
-            raise ValueError("CLIPRes5ROIHeads needs region_encoder (the backbone's res5 + attention pool)")
-        return self.box_predictor.embed(self.region_features(features, boxes, region_encoder))
+        return self.box_predictor.embed(self.region_features(features, boxes))
 
-    def forward(self, images, features, proposals: List[Instances], targets=None, *,
-                region_encoder: Callable = None):
-        if region_encoder is None:
-            raise ValueError("CLIPRes5ROIHeads needs region_encoder (the backbone's res5 + attention pool)")
+    def forward(self, images, features, proposals: List[Instances], targets=None):
         if self.training:
             if targets is None:
                 raise ValueError("training needs ground-truth instances")
             proposals = self.label_and_sample_proposals(proposals, targets)
-        feats = self.region_features(features, [p.proposal_boxes for p in proposals], region_encoder)
+        feats = self.region_features(features, [p.proposal_boxes for p in proposals])
         predictions = self.box_predictor(feats)
         if self.training:
             return [], self.box_predictor.losses(predictions, proposals)
@@ -107,40 +116,8 @@ class CLIPStandardROIHeads(StandardROIHeads):
         ret["box_predictor"] = OpenVocabularyPredictor(cfg, ret["box_head"].output_shape)
         return ret
 
-    def encode_boxes(self, features, boxes, region_encoder: Callable = None) -> torch.Tensor:
+    def encode_boxes(self, features, boxes) -> torch.Tensor:
         """``[R, D]`` text-space embeddings (not normalised) of ``boxes`` (a list of Boxes,
         one per image): multi-level RoIAlign, the box head, the predictor's projection."""
         x = self.box_pooler([features[f] for f in self.box_in_features], boxes)
         return self.box_predictor.embed(self.box_head(x))
-
-    def forward(self, images, features, proposals, targets=None, *, region_encoder=None):
-        return super().forward(images, features, proposals, targets)
-
-
-@ROI_HEADS_REGISTRY.register()
-class PretrainRes5ROIHeads(torch.nn.Module):
-    """RoI head of region-text pretraining: RoIAlign on the student's and the teacher's
-    res4 maps (each with its own resolution), then each one's res5 + attention pool.
-    Neither res5 is owned here: the encoders come from the backbones."""
-
-    @configurable
-    def __init__(self, *, in_features: List[str], pooler: ROIPooler, teacher_pooler: ROIPooler):
-        super().__init__()
-        self.in_features = in_features
-        self.pooler = pooler
-        self.teacher_pooler = teacher_pooler
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        scale = (1.0 / input_shape[in_features[0]].stride,)
-        kw = dict(sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-                  pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, scales=scale)
-        res, t_res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, cfg.MODEL.CLIP.TEACHER_POOLER_RESOLUTION
-        return dict(in_features=in_features, pooler=thread_roi_align(ROIPooler(output_size=(res, res), **kw)),
-                    teacher_pooler=thread_roi_align(ROIPooler(output_size=(t_res, t_res), **kw)))
-
-    def forward(self, features, boxes, region_encoder: Callable, teacher: bool = False) -> torch.Tensor:
-        """Region embeddings ``[R, D]`` of ``boxes`` (list of Boxes) from ``features``."""
-        pooler = self.teacher_pooler if teacher else self.pooler
-        return region_encoder(pooler([features[f] for f in self.in_features], boxes))

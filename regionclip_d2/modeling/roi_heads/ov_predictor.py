@@ -2,8 +2,9 @@
 
 ``logits = [cos(x, W_1) .. cos(x, W_C), cos(x, 0)] / T`` where ``cos(x, 0) = 0`` (the
 all-zero background embedding, appended last) and ``T = CLSS_TEMP`` (0.01). Box
-regression is class-agnostic. The vocabulary is a buffer, not a weight: it is set from
-config or at run time (:meth:`set_vocabulary`) and never read from a weight file.
+regression is class-agnostic. The classifier (``cls_score``) and its vocabularies are in
+``vocabulary.py``: embeddings are buffers, not weights, set from config or at run time
+(the detector's ``set_vocabulary``) and never read from a weight file.
 """
 import logging
 from typing import List, Optional
@@ -17,19 +18,20 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 
 from .postprocess import fast_inference
+from .vocabulary import NoVocabularyError, TextEmbeddingClassifier, Vocabulary
+
+__all__ = ["OpenVocabularyPredictor", "NoVocabularyError"]
 
 logger = logging.getLogger(__name__)
 
 
-class NoVocabularyError(RuntimeError):
-    pass
-
-
 class OpenVocabularyPredictor(FastRCNNOutputLayers):
-    """FastRCNNOutputLayers whose classifier is a frozen text-embedding matrix.
+    """FastRCNNOutputLayers whose ``cls_score`` is a :class:`TextEmbeddingClassifier`: region
+    embeddings scored against a frozen text-embedding vocabulary (the training or the test
+    one) with an all-zero background embedding. Box regression is class-agnostic.
 
     Args (besides FastRCNNOutputLayers'):
-        embed_dim: D, the dimension of region features and text embeddings.
+        embed_dim: D, the dimension of region embeddings and text embeddings.
         temperature: logits are cosine similarities divided by this.
         bg_loss_weight: weight of the background class in the classification loss.
         focal_gamma: focal scaling ``(1 - p_t)^gamma`` of the cross entropy (0 = plain CE).
@@ -45,13 +47,13 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
                  bg_loss_weight: float = 1.0, focal_gamma: float = 0.0, no_box_delta: bool = False,
                  fusion: str = "none", only_fg: bool = False, **kwargs):
         kwargs["cls_agnostic_bbox_reg"] = True
-        super().__init__(input_shape, num_classes=1, **kwargs)
-        del self.cls_score  # replaced by the text-embedding classifier
+        # the number of classes is the active vocabulary's (set later, changeable at run time)
+        super().__init__(input_shape, num_classes=0, **kwargs)
+        self.cls_score = TextEmbeddingClassifier(embed_dim, temperature)
         in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
         # a learned projection only when region features are not already in the joint space
         self.projection = nn.Linear(in_dim, embed_dim) if in_dim != embed_dim else None
         self.embed_dim = embed_dim
-        self.temperature = temperature
         self.bg_loss_weight = bg_loss_weight
         self.focal_gamma = focal_gamma
         self.no_box_delta = no_box_delta
@@ -59,11 +61,6 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
             raise ValueError(f"unknown score fusion {fusion!r}")
         self.fusion = fusion
         self.only_fg = only_fg
-        self.register_buffer("train_embeddings", torch.zeros(0, embed_dim), persistent=False)
-        self.register_buffer("test_embeddings", torch.zeros(0, embed_dim), persistent=False)
-        self.train_class_names: Optional[List[str]] = None
-        self.test_class_names: Optional[List[str]] = None
-        self.num_classes = 0
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -83,43 +80,31 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         return ret
 
     # ---- vocabulary ----
-    def _check(self, emb: torch.Tensor, what: str) -> torch.Tensor:
-        if not torch.is_tensor(emb) or emb.dim() != 2:
-            raise ValueError(f"{what}: class embeddings must be a [C, D] tensor")
-        if emb.shape[0] == 0:
-            raise ValueError(f"{what}: the vocabulary is empty")
-        if emb.shape[1] != self.embed_dim:
-            raise ValueError(
-                f"{what}: text embeddings have dim {emb.shape[1]} but the backbone produces "
-                f"{self.embed_dim}: set MODEL.CLIP.TEXT_EMB_DIM or use embeddings from the same CLIP model")
-        return emb.detach().float().to(self.bbox_pred.weight.device)
+    @property
+    def train_vocabulary(self) -> Vocabulary:
+        return self.cls_score.train_vocabulary
 
-    def set_train_vocabulary(self, emb: torch.Tensor, names: Optional[List[str]] = None):
-        self.train_embeddings = self._check(emb, "training vocabulary")
-        self.train_class_names = list(names) if names is not None else None
-        self._update_num_classes()
+    @property
+    def test_vocabulary(self) -> Vocabulary:
+        return self.cls_score.test_vocabulary
 
-    def set_test_vocabulary(self, emb: torch.Tensor, names: Optional[List[str]] = None):
-        self.test_embeddings = self._check(emb, "test vocabulary")
-        self.test_class_names = list(names) if names is not None else None
-        self._update_num_classes()
+    @property
+    def num_classes(self) -> int:
+        """Classes of the active vocabulary (the parent's attribute, now derived)."""
+        return self.cls_score.num_classes()
 
-    def _active(self):
-        if self.training or self.test_embeddings.shape[0] == 0:
-            return self.train_embeddings, self.train_class_names
-        return self.test_embeddings, self.test_class_names
+    @num_classes.setter
+    def num_classes(self, value):  # FastRCNNOutputLayers.__init__ assigns it; the vocabulary decides
+        pass
 
-    def _update_num_classes(self):
-        self.num_classes = self._active()[0].shape[0]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._update_num_classes()
-        return self
+    @property
+    def temperature(self) -> float:
+        return self.cls_score.temperature
 
     @property
     def class_names(self) -> Optional[List[str]]:
-        return self._active()[1]
+        """Names of the active vocabulary (None when it was given as a bare tensor)."""
+        return self.cls_score.active().names
 
     # ---- forward ----
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,31 +115,17 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
             x = torch.flatten(x, start_dim=1)
         return self.projection(x) if self.projection is not None else x
 
-    def _vocabulary(self) -> torch.Tensor:
-        """The active ``[C, D]`` vocabulary; a clear error when there is none."""
-        vocab, _ = self._active()
-        if vocab.shape[0] == 0:
-            raise NoVocabularyError(
-                "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
-                "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
-        return vocab
-
     def classify(self, emb: torch.Tensor) -> torch.Tensor:
-        """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary
-        (cosines / temperature; background last, its cosine 0)."""
-        vocab = self._vocabulary()
-        with torch.autocast(emb.device.type, enabled=False):  # the classifier always runs in float32
-            logits = F.normalize(emb.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).t()
-        bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
-        return torch.cat([logits, bg], dim=1) / self.temperature
+        """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary."""
+        return self.cls_score(emb)
 
     def forward(self, x: torch.Tensor):
         """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas)."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        self._vocabulary()  # fail before any work when there is no vocabulary
+        self.cls_score.embeddings()  # fail before any work when there is no vocabulary
         deltas = self.bbox_pred(x).float()
-        return self.classify(self.embed(x)), deltas
+        return self.cls_score(self.embed(x)), deltas
 
     # ---- training ----
     def losses(self, predictions, proposals):
