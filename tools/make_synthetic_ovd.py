@@ -28,14 +28,9 @@ def _names(text):
 
 
 def main(argv=None):
-    from regionclip_d2.synthetic.world import (
-        DEFAULT_CATEGORIES,
-        DEFAULT_NOVEL,
-        SHAPES,
-        WorldConfig,
-        WorldConfigError,
-        generate_world,
-    )
+    from regionclip_d2.synthetic.shapes import DEFAULT_CATEGORIES, DEFAULT_NOVEL, SHAPES
+    from regionclip_d2.synthetic.world import generate_world
+    from regionclip_d2.synthetic.world_config import WorldConfig, WorldConfigError
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", required=True, help="folder to write the world into (created)")

@@ -14,31 +14,49 @@ The result is an ordinary open_clip checkpoint (``torch.save(model.state_dict())
 its model-config JSON, so the project loads it with
 ``regionclip_d2.modeling.clip_model.build_full_clip("", config_json)`` or
 ``regionclip_d2.checkpoint.load_clip_weights(path, backbone=..., lang_encoder=...)``.
+
+This module holds the model config, the training loop and saving / loading; the data
+(``clip_data``) and the evaluation (``clip_eval``) live in their own modules, whose public
+names are re-exported here.
 """
 import json
 import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ..modeling.clip_model import build_clip_from_config
 from ..modeling.losses import image_text_contrastive_loss
 from ..modeling.text.encoder import tokenizer_for_config
-from .world import load_world, read_captions, world_paths
+from .clip_data import load_images, load_split_pairs, preprocess, single_object_images
+from .clip_eval import (
+    ZERO_SHOT_TEMPLATE,
+    _autocast,
+    encode_images,
+    encode_texts,
+    retrieval_top1,
+    zero_shot_shape_accuracy,
+)
+from .world import load_world
+
+__all__ = [
+    # re-exported from clip_data and clip_eval
+    "load_images", "load_split_pairs", "single_object_images", "preprocess", "ZERO_SHOT_TEMPLATE",
+    "encode_images", "encode_texts", "retrieval_top1", "zero_shot_shape_accuracy",
+    # defined here
+    "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "world_clip_config", "cpu_has_fast_bf16", "random_zoom",
+    "save_world_clip", "load_world_clip", "train_world_clip",
+]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "world_clip.pt"
 CONFIG_NAME = "world_clip.json"
 METRICS_NAME = "world_clip_metrics.json"
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
 def world_clip_config(image_size: int = 128, context_length: int = 24, embed_dim: int = 128,
@@ -60,84 +78,6 @@ def world_clip_config(image_size: int = 128, context_length: int = 24, embed_dim
     }
 
 
-# ---------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------
-
-
-def load_images(paths: Sequence[str], progress: bool = False) -> torch.Tensor:
-    """PNG/JPEG files (all of one size) -> uint8 RGB ``[N, 3, H, W]``."""
-    it = paths
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(paths, desc="loading images", unit="img")
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in it]
-    if not arrays:
-        raise ValueError("no images to load")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"images have different sizes {sorted(shapes)[:4]}: a world's images share one size")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def load_split_pairs(world_dir: str, split: str = "train", max_images: Optional[int] = None,
-                     progress: bool = False) -> Tuple[torch.Tensor, List[List[str]], List[str]]:
-    """A split's image-caption pairs.
-
-    Returns:
-        images: uint8 RGB ``[N, 3, S, S]``.
-        captions: ``N`` lists of captions (>= 1 each).
-        file_names: ``N`` image file names (relative to the split's image folder).
-    """
-    paths = world_paths(world_dir, split)
-    if not os.path.isfile(paths["captions"]):
-        raise FileNotFoundError(f"captions file {paths['captions']} does not exist: generate the world with "
-                                "tools/make_synthetic_ovd.py")
-    caps = read_captions(paths["captions"])
-    names = sorted(caps)[:max_images] if max_images else sorted(caps)
-    if not names:
-        raise ValueError(f"{paths['captions']} holds no captions: the {split} split is empty")
-    images = load_images([os.path.join(paths["images"], n) for n in names], progress=progress)
-    return images, [caps[n] for n in names], names
-
-
-def single_object_images(world_dir: str, split: str = "val", max_images: Optional[int] = None
-                         ) -> Tuple[torch.Tensor, List[str]]:
-    """Images with exactly one object (from the COCO JSON of a split with all boxes, i.e.
-    val or test) and their shape names: (uint8 ``[N, 3, S, S]``, ``N`` names)."""
-    paths = world_paths(world_dir, split)
-    with open(paths["instances"]) as f:
-        coco = json.load(f)
-    cats = {c["id"]: c["name"] for c in coco["categories"]}
-    per_image: Dict[int, List[int]] = {}
-    for a in coco["annotations"]:
-        per_image.setdefault(a["image_id"], []).append(a["category_id"])
-    chosen = [(im["file_name"], cats[per_image[im["id"]][0]]) for im in coco["images"]
-              if len(per_image.get(im["id"], [])) == 1]
-    if max_images:
-        chosen = chosen[:max_images]
-    if not chosen:
-        raise ValueError(f"{paths['instances']} has no single-object image")
-    images = load_images([os.path.join(paths["images"], n) for n, _ in chosen])
-    return images, [c for _, c in chosen]
-
-
-def preprocess(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 RGB ``[N, 3, H, W]`` -> float32 ``[N, 3, H, W]``: /255, minus CLIP mean, over CLIP std
-    (the detector's recognition-branch normalisation)."""
-    x = images.float().div_(255.0)
-    mean = torch.tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ---------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------
-
-
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere bf16
     autocast is emulated and slow (measured on an AVX2-only EPYC, 2 threads: a world-CLIP step
@@ -148,10 +88,6 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def _attention_backend(math_attention: bool):
@@ -165,100 +101,6 @@ def _attention_backend(math_attention: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-@torch.no_grad()
-def encode_images(model, images: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
-    """uint8 ``[N, 3, S, S]`` -> L2-normalised float32 ``[N, D]`` (model in eval mode)."""
-    was = model.training
-    model.eval()
-    cl = next(model.visual.parameters()).is_contiguous(memory_format=torch.channels_last) \
-        and next(model.visual.parameters()).dim() == 4
-    outs = []
-    with _autocast(bf16):
-        for i in range(0, images.shape[0], batch_size):
-            outs.append(model.encode_image(preprocess(images[i:i + batch_size], cl), normalize=True).float())
-    model.train(was)
-    return F.normalize(torch.cat(outs), dim=-1)
-
-
-@torch.no_grad()
-def encode_texts(model, texts: Sequence[str], tokenizer=None, batch_size: int = 512,
-                 bf16: bool = False) -> torch.Tensor:
-    """Strings -> L2-normalised float32 ``[N, D]``."""
-    tokenizer = tokenizer or _tokenizer_for(model)
-    was = model.training
-    model.eval()
-    outs = []
-    with _autocast(bf16):
-        for i in range(0, len(texts), batch_size):
-            outs.append(model.encode_text(tokenizer(list(texts[i:i + batch_size])), normalize=True).float())
-    model.train(was)
-    return F.normalize(torch.cat(outs), dim=-1)
-
-
-def _tokenizer_for(model):
-    return tokenizer_for_config({"text_cfg": {"context_length": model.context_length}})
-
-
-def retrieval_top1(model, images: torch.Tensor, captions: Sequence[str], tokenizer=None,
-                   chunk: Optional[int] = None, bf16: bool = False) -> float:
-    """Image -> caption retrieval top-1 accuracy (fraction in 0..1).
-
-    Image ``i``'s correct caption is ``captions[i]``; candidates are the captions of the
-    same chunk of ``chunk`` consecutive images (all ``N`` if None; chance = 1 / chunk).
-    A retrieved caption with the same text as the correct one counts as correct (template
-    captions repeat, e.g. "a moon").
-    """
-    if images.shape[0] != len(captions):
-        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions: give one caption per image")
-    img = encode_images(model, images, bf16=bf16)
-    txt = encode_texts(model, captions, tokenizer, bf16=bf16)
-    n = len(captions)
-    chunk = chunk or n
-    correct = 0
-    for s in range(0, n, chunk):
-        sims = img[s:s + chunk] @ txt[s:s + chunk].t()
-        best = sims.argmax(1).tolist()
-        correct += sum(captions[s + b] == captions[s + i] for i, b in enumerate(best))
-    return correct / n
-
-
-def zero_shot_shape_accuracy(model, images: torch.Tensor, labels: Sequence[str], class_names: Sequence[str],
-                             novel: Sequence[str] = (), tokenizer=None, template: str = ZERO_SHOT_TEMPLATE,
-                             bf16: bool = False) -> dict:
-    """Whole-image zero-shot classification of single-object images with prompts
-    ``template.format(name)``.
-
-    Returns ``{"accuracy", "accuracy_base", "accuracy_novel", "accuracy_novel_among_novel",
-    "n", "n_novel", "chance", "per_class"}`` (accuracies in 0..1; ``accuracy_novel`` is over
-    all classes on novel-object images, ``..._among_novel`` only among the novel classes).
-    """
-    unknown = sorted(set(labels) - set(class_names))
-    if unknown:
-        raise ValueError(f"labels {unknown} are not among class_names {list(class_names)}")
-    img = encode_images(model, images, bf16=bf16)
-    txt = encode_texts(model, [template.format(c) for c in class_names], tokenizer, bf16=bf16)
-    sims = img @ txt.t()
-    pred = sims.argmax(1).tolist()
-    idx = {c: i for i, c in enumerate(class_names)}
-    truth = [idx[c] for c in labels]
-    ok = np.array([p == t for p, t in zip(pred, truth)])
-    is_novel = np.array([c in set(novel) for c in labels])
-    novel_idx = [idx[c] for c in class_names if c in set(novel)]
-    if novel_idx and is_novel.any():
-        sub = sims[torch.from_numpy(is_novel)][:, novel_idx].argmax(1).tolist()
-        among = float(np.mean([novel_idx[p] == t for p, t in zip(sub, np.array(truth)[is_novel])]))
-    else:
-        among = float("nan")
-
-    def mean(mask):
-        return float(ok[mask].mean()) if mask.any() else float("nan")
-
-    per_class = {c: mean(np.array([lab == c for lab in labels])) for c in class_names}
-    return {"accuracy": float(ok.mean()), "accuracy_base": mean(~is_novel), "accuracy_novel": mean(is_novel),
-            "accuracy_novel_among_novel": among, "n": int(len(labels)), "n_novel": int(is_novel.sum()),
-            "chance": 1.0 / len(class_names), "per_class": per_class}
 
 
 # ---------------------------------------------------------------------------------------

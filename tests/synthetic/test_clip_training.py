@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from regionclip_d2.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from regionclip_d2.synthetic.clip_data import load_split_pairs, preprocess
+from regionclip_d2.synthetic.clip_eval import retrieval_top1
 from regionclip_d2.synthetic.clip_training import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
     METRICS_NAME,
-    load_split_pairs,
     load_world_clip,
-    preprocess,
-    retrieval_top1,
     train_world_clip,
     world_clip_config,
 )

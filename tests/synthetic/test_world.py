@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from regionclip_d2.synthetic.captions import PLURALS
+from regionclip_d2.synthetic.shapes import COLORS, DEFAULT_NOVEL
 from regionclip_d2.synthetic.world import (
-    COLORS,
-    DEFAULT_NOVEL,
-    PLURALS,
-    WorldConfig,
-    WorldConfigError,
     generate_sample,
     generate_world,
     load_world,
     read_captions,
     world_paths,
 )
+from regionclip_d2.synthetic.world_config import WorldConfig, WorldConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARAMS = dict(image_size=96, seed=3)
