@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import detectron2.utils.comm as comm
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import _find_free_port
+from detectron2.engine.launch import _find_free_port  # private detectron2 API: used once, below
 
 logger = logging.getLogger(__name__)
 

@@ -60,6 +60,7 @@ def build_visual_tower(model_name: str, config_file: str = ""):
     """open_clip ``ModifiedResNet`` (randomly initialised) and its model config."""
     cfg = get_clip_model_config(model_name, config_file)
     _check_resnet(cfg, model_name or config_file)
+    # private open_clip API (no public builder of one tower); its only use besides the text tower's
     from open_clip.model import _build_vision_tower
 
     visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg["quick_gelu"])
@@ -69,6 +70,7 @@ def build_visual_tower(model_name: str, config_file: str = ""):
 def build_text_tower(model_name: str, config_file: str = ""):
     """open_clip ``TextTransformer`` (randomly initialised) and its model config."""
     cfg = get_clip_model_config(model_name, config_file)
+    # private open_clip API (no public builder of one tower); see build_visual_tower
     from open_clip.model import _build_text_tower
 
     text = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg["quick_gelu"])

@@ -90,7 +90,7 @@ def test_c4_head_keeps_detectron2_signature_and_its_encoder_is_the_backbones(tin
     with torch.no_grad():
         images = model.preprocess_image([x])
         features = model.backbone(images.tensor)
-        out, _ = model.roi_heads(images, features, model.get_regions([x]))  # ROIHeads.forward(images, features, proposals)
+        out, _ = model.roi_heads(images, features, model.get_regions([x]))  # detectron2 ROIHeads.forward
     assert len(out[0]) > 0
 
 

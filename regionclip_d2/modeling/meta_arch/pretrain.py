@@ -16,7 +16,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
+from detectron2.utils.events import get_event_storage
 
 from ...checkpoint.loading import load_clip_weights, load_rpn_weights
 from ...config import check_config
@@ -259,11 +259,20 @@ class PretrainFastRCNN(TwoBranchModel):
                     for h_, w_ in self.image_box_sizes(images)]
             img_emb = self.region_pooler(s_features, full, self.backbone.encode_pooled_regions)
             losses["loss_image_text"] = w[2] * image_text_contrastive_loss(img_emb, text, self.tau, self.gather)
-        if _CURRENT_STORAGE_STACK:  # inside a trainer: log how many regions and concepts were used
-            storage = get_event_storage()
+        storage = _event_storage()
+        if storage is not None:  # inside a trainer: log how many regions and concepts were used
             storage.put_scalar("pretrain/kept_regions", float(keep.float().mean()))
             storage.put_scalar("pretrain/matched_concepts", float(torch.unique(labels[keep]).numel()))
         return losses
+
+
+def _event_storage():
+    """detectron2's current EventStorage, or None outside a trainer (detectron2 has no public
+    test for one: ``get_event_storage`` asserts)."""
+    try:
+        return get_event_storage()
+    except AssertionError:
+        return None
 
 
 def load_pretrain_from_cfg(cfg, parts: Dict) -> Dict:

@@ -15,7 +15,10 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
+from detectron2.modeling.roi_heads.fast_rcnn import (  # _log_classification_stats: private, used once in losses
+    FastRCNNOutputLayers,
+    _log_classification_stats,
+)
 
 from .postprocess import fast_inference
 from .vocabulary import NoVocabularyError, TextEmbeddingClassifier, Vocabulary
