@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from regionclip_d2 import RegionCLIPCheckpointer, get_regionclip_cfg  # noqa: E402
 from regionclip_d2.engine import RegionCLIPTrainer, launch  # noqa: E402
@@ -65,6 +67,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # regionclip_d2's own messages (data loading, resume replay) in the console and OUTPUT_DIR/log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="regionclip_d2")
     return cfg
 
 

@@ -13,10 +13,14 @@ A training stream is a function of ``(seed, position)``:
 So a run resumed at iteration ``i`` (``loader.start_iter = i``) sees exactly the batches an
 uninterrupted run would have seen from ``i`` on, whatever the number of loader workers.
 With ``DATALOADER.ASPECT_RATIO_GROUPING`` (batches of one orientation, formed from the
-stream through two buffers) the buffers' content at iteration ``i`` is replayed from the
-image sizes in the data set's dicts, without decoding; this is exact unless a bad sample
-was replaced by one of the other orientation before ``i`` (or the dicts lack sizes, where
-the stream restarts at sample ``i*B`` with a warning).
+stream through two buffers) a sample goes to the buffer of its data set dict's orientation
+(:class:`Orientations`: the dict's ``width``/``height``, else the image file's header, read
+once per image and cached, 1 byte per image), not of what the mapper returned; so the
+buffers' content at iteration ``i`` is replayed exactly, without decoding, from the
+orientations of the samples before ``i`` (caption files, which carry no sizes, included).
+A bad sample replaced by the next one (see below) stays in the buffer of the bad one's
+orientation. Exact as long as the image files are unchanged between the run and its resume
+(a file whose header cannot be read counts as landscape).
 
 Bad samples (an image that is missing, truncated or undecodable, an annotation the mapper
 rejects) are skipped: :class:`SafeMappedDataset` logs each with its file name, counts it,
@@ -28,6 +32,7 @@ import bisect
 import itertools
 import logging
 import random
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -35,6 +40,7 @@ import torch
 
 import detectron2.utils.comm as comm
 from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +156,56 @@ def _bucket(d) -> int:
     return 0 if d["width"] > d["height"] else 1  # detectron2's two orientation groups
 
 
+_EXIF_ORIENTATION = 0x0112  # values 5..8: the decoded image is transposed (detectron2's read_image)
+
+
+def header_orientation(file_name: str) -> int:
+    """The orientation group of an image file from its header (no decoding): 0 if it is
+    wider than high once its EXIF orientation is applied, else 1; 0 when the header
+    cannot be read (a missing or broken file: the mapper will skip it anyway)."""
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            from PIL import Image
+
+            with Image.open(f) as im:
+                w, h = im.size
+                # getexif() of some formats (PNG) decodes the image: only where the header had EXIF
+                if "exif" in im.info and im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                    w, h = h, w
+    except Exception:  # noqa: BLE001  unreadable header: a fixed group, the same in a run and its resume
+        return 0
+    return 0 if w > h else 1
+
+
+class Orientations:
+    """The orientation group (0 landscape, 1 portrait or square) of each data set dict, by
+    index: from its ``width``/``height`` where it has them, else from its image file's
+    header (:func:`header_orientation`), read at most once per image in a process and
+    cached in one byte per image (no image is decoded or kept)."""
+
+    def __init__(self, dicts: Sequence[dict]):
+        self.dicts = dicts
+        self._cache = np.full(len(dicts), -1, dtype=np.int8)
+        self.num_read = 0  # headers read in this process
+
+    def __len__(self):
+        return len(self.dicts)
+
+    def __getitem__(self, idx: int) -> int:
+        key = int(self._cache[idx])
+        if key < 0:
+            d = self.dicts[idx]
+            if "width" in d and "height" in d:
+                key = _bucket(d)
+            elif d.get("file_name"):
+                key = header_orientation(d["file_name"])
+                self.num_read += 1
+            else:
+                key = 0  # nothing to read the size from: a fixed group
+            self._cache[idx] = key
+        return key
+
+
 class PositionStream(torch.utils.data.IterableDataset):
     """The samples of this process from ``start_batch`` on (see the module docstring).
 
@@ -157,12 +213,16 @@ class PositionStream(torch.utils.data.IterableDataset):
     ``start_batch + w + N``, ... Grouped (batches formed later by orientation): the
     process's items are the positions ``prefix`` (samples still waiting in the orientation
     buckets when the run stopped) followed by its share of the stream from item ``cursor``
-    on; worker ``w`` yields items ``w``, ``w + N``, ...; DataLoader returns them in order."""
+    on; worker ``w`` yields items ``w``, ``w + N``, ...; DataLoader returns them in order,
+    each as ``(orientation, sample)``: the orientation of the sample's data set dict from
+    ``orientations`` (``None`` without it: that of the mapped sample is used)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, *, seed: int, batch_size: int, start_batch: int = 0,
                  grouped: bool = False, repeat_factors: Optional[torch.Tensor] = None,
-                 prefix: Sequence[int] = (), cursor: Optional[int] = None):
+                 prefix: Sequence[int] = (), cursor: Optional[int] = None,
+                 orientations: Optional[Orientations] = None):
         self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
+        self.orientations = orientations
         self.start_batch, self.grouped, self.repeat_factors = start_batch, grouped, repeat_factors
         self.prefix = list(prefix)
         self.cursor = start_batch * batch_size if cursor is None else cursor
@@ -183,24 +243,25 @@ class PositionStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = _IndexStream(len(self.dataset), self.seed, self.repeat_factors)
         for pos in self.positions(worker, num_workers):
+            idx = stream[pos]
             seed_all(self.seed, pos)
-            yield self.dataset[stream[pos]]
+            if not self.grouped:
+                yield self.dataset[idx]
+            else:
+                yield (self.orientations[idx] if self.orientations is not None else None), self.dataset[idx]
 
 
-def replay_grouping(dicts: Sequence[dict], stream: "_IndexStream", batch_size: int, num_batches: int,
+def replay_grouping(orientations: Sequence[int], stream: "_IndexStream", batch_size: int, num_batches: int,
                     rank: int = 0, world: int = 1):
-    """Replay the orientation grouping of a process's first ``num_batches`` batches from the
-    image sizes in ``dicts`` (no decoding). Returns ``(prefix, cursor)`` for
-    :class:`PositionStream`, or ``None`` where a dict lacks its ``width``/``height``."""
+    """Replay the orientation grouping of a process's first ``num_batches`` batches from
+    the orientation of each data set index (``orientations[i]``, see :class:`Orientations`;
+    no decoding). Returns ``(prefix, cursor)`` for :class:`PositionStream`."""
     buckets, t = ([], []), 0
     for _ in range(num_batches):
         while True:
             pos = t * world + rank
-            d = dicts[stream[pos]]
             t += 1
-            if "width" not in d or "height" not in d:
-                return None
-            bucket = buckets[_bucket(d)]
+            bucket = buckets[orientations[stream[pos]]]
             bucket.append(pos)
             if len(bucket) == batch_size:
                 bucket.clear()
@@ -210,8 +271,8 @@ def replay_grouping(dicts: Sequence[dict], stream: "_IndexStream", batch_size: i
 
 def _group(items, batch_size: int):
     buckets = ([], [])
-    for d in items:
-        bucket = buckets[_bucket(d)]
+    for key, d in items:
+        bucket = buckets[_bucket(d) if key is None else key]
         bucket.append(d)
         if len(bucket) == batch_size:
             yield bucket[:]
@@ -249,18 +310,21 @@ class ResumableTrainLoader:
             return torch.utils.data.DataLoader(PositionStream(self.dataset, **kw), batch_size=self.batch_size,
                                                drop_last=True, num_workers=self.num_workers,
                                                collate_fn=_trivial_collate)
-        state = None
-        if self.start_iter:
-            dicts = getattr(self.dataset, "dicts", None)
+        dicts = getattr(self.dataset, "dicts", None)
+        orientations = Orientations(dicts) if dicts is not None else None
+        if self.start_iter and orientations is None:
+            logger.warning("resuming with DATALOADER.ASPECT_RATIO_GROUPING but the data set has no dicts to "
+                           "replay the grouping from: the data stream restarts at sample %d, not exactly where "
+                           "it stopped", self.start_iter * self.batch_size)
+        elif self.start_iter:
+            start = time.perf_counter()
             stream = _IndexStream(len(self.dataset), seed, self.repeat_factors)
-            state = dicts is not None and replay_grouping(dicts, stream, self.batch_size, self.start_iter,
-                                                          comm.get_rank(), comm.get_world_size())
-            if not state:
-                logger.warning("resuming with DATALOADER.ASPECT_RATIO_GROUPING but the data set's dicts lack "
-                               "width/height: the data stream restarts at sample %d, not exactly where it stopped",
-                               self.start_iter * self.batch_size)
-        if state:
-            kw.update(prefix=state[0], cursor=state[1])
+            prefix, cursor = replay_grouping(orientations, stream, self.batch_size, self.start_iter,
+                                             comm.get_rank(), comm.get_world_size())
+            kw.update(prefix=prefix, cursor=cursor)
+            logger.info("replayed the orientation grouping of %d batches (%d samples; %d image headers read) in "
+                        "%.1f s", self.start_iter, cursor, orientations.num_read, time.perf_counter() - start)
+        kw.update(orientations=orientations)
         loader = torch.utils.data.DataLoader(PositionStream(self.dataset, **kw), batch_size=None,
                                              num_workers=self.num_workers)
         return _group(loader, self.batch_size)

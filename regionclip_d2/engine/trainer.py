@@ -108,7 +108,8 @@ class RegionCLIPTrainer(DefaultTrainer):
     and its training step (:class:`GuardedTrainer`): a run killed at any point and resumed
     with ``resume_or_load(resume=True)`` continues from its last complete checkpoint with the
     same data, the same random draws and the same optimizer and scheduler state as an
-    uninterrupted run (exactly, without ``DATALOADER.ASPECT_RATIO_GROUPING``); bad samples are
+    uninterrupted run (exactly, with or without ``DATALOADER.ASPECT_RATIO_GROUPING``, on
+    detection and caption data: see :mod:`regionclip_d2.data.loader`); bad samples are
     skipped up to ``DATALOADER.MAX_BAD_SAMPLE_FRACTION``; non-finite losses stop the run or
     are skipped (``SOLVER.NONFINITE_LOSS``)."""
 

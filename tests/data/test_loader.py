@@ -14,10 +14,12 @@ from regionclip_d2 import get_regionclip_cfg
 from regionclip_d2.data.datasets import register_coco_format
 from regionclip_d2.data.loader import (
     BadSampleError,
+    Orientations,
     ResumableTrainLoader,
     SafeMappedDataset,
     _IndexStream,
     build_resumable_train_loader,
+    header_orientation,
 )
 from regionclip_d2.engine.trainer import RegionCLIPTrainer
 
@@ -65,6 +67,59 @@ def test_resumed_stream_equals_uninterrupted(grouped):
     other = ResumableTrainLoader(SafeMappedDataset(dicts, _mapper), total_batch_size=3, seed=8,
                                  aspect_ratio_grouping=grouped)
     assert _take(other, 20) != full
+
+
+def test_grouped_resume_without_sizes_replays_from_the_image_headers(tmp_path):
+    """Caption data sets have no sizes in their dicts: the grouping is replayed from the
+    image headers, and a bad sample replaced by one of the other orientation stays in the
+    buffer of its own orientation, so every resume point gives the uninterrupted batches."""
+    rng = np.random.default_rng(1)
+    dicts = []
+    for i in range(13):
+        h, w = (30, 50) if rng.random() < 0.6 else (50, 30)
+        Image.new("RGB", (w, h)).save(tmp_path / f"{i}.png")
+        dicts.append({"file_name": str(tmp_path / f"{i}.png"), "image_id": i})
+    landscape = [header_orientation(d["file_name"]) == 0 for d in dicts]
+    # bad images, each followed by an image of the other orientation (its replacement)
+    bad = [i for i in range(12) if landscape[i] != landscape[i + 1]][:3]
+    assert len(bad) == 3
+    for i in bad:
+        png = (tmp_path / f"{i}.png").read_bytes()
+        (tmp_path / f"{i}.png").write_bytes(png[:60])  # the header (size) is intact, the data is not
+
+    def mapper(d):
+        with Image.open(d["file_name"]) as im:
+            im.load()  # raises for the truncated files
+            w, h = im.size
+        return dict(d, width=w, height=h, draw=float(np.random.rand()), tdraw=float(torch.rand(())))
+
+    def loader(workers, start=0):
+        ld = ResumableTrainLoader(SafeMappedDataset(dicts, mapper, max_bad_fraction=0.5), total_batch_size=3,
+                                  seed=5, aspect_ratio_grouping=True, num_workers=workers)
+        ld.start_iter = start
+        return ld
+
+    full = _take(loader(0), 16)
+    assert {i for batch in full for i, _, _ in batch} == set(range(13)) - set(bad)
+    # a replacement of the other orientation does share a batch with the bad image's orientation
+    mixed = [b for b in full if len({landscape[i] for i, _, _ in b}) > 1]
+    assert mixed and all({i - 1 for i, _, _ in b} & set(bad) for b in mixed)
+    for start in range(1, 16):
+        assert _take(loader(0, start), 16 - start) == full[start:], start
+    assert _take(loader(2, 9), 7) == full[9:]
+
+
+def test_orientations_read_headers_once_and_apply_exif(tmp_path):
+    Image.new("RGB", (40, 20)).save(tmp_path / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: decoded (as detectron2 does) it is 20 wide, 40 high
+    Image.new("RGB", (40, 20)).save(tmp_path / "rotated.jpg", exif=exif)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    dicts = [{"file_name": str(tmp_path / n)} for n in ("wide.png", "rotated.jpg", "junk.png", "missing.png")]
+    dicts.append({"file_name": str(tmp_path / "missing.png"), "width": 10, "height": 30})  # sizes win
+    o = Orientations(dicts)
+    assert [o[i] for i in range(5)] == [0, 1, 0, 0, 1]
+    assert [o[i] for i in range(5)] == [0, 1, 0, 0, 1] and o.num_read == 4
 
 
 def test_repeat_factor_stream():
