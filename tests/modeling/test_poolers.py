@@ -54,3 +54,29 @@ def test_pooler_wrapping(two_threads):
     boxes = [Boxes(_rois(200, g)[:, 1:])]
     ref = ROIPooler((7, 7), scales=(1 / 16,), sampling_ratio=0, pooler_type="ROIAlignV2")
     assert torch.equal(pooler(feats, boxes), ref(feats, boxes))
+
+
+@pytest.mark.parametrize("config", ["configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml",
+                                    "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_FPN_zsinf_GT.yaml"])
+def test_threaded_path_inside_the_detector(config, tiny_clip_config, two_threads):
+    """A detector scoring 100 regions (over the 64-region threshold) pools them on two threads
+    and gives exactly the single-thread result."""
+    from helpers import image_input, tiny_model
+
+    model = tiny_model(config, tiny_clip_config)
+    pooler = model.roi_heads.pooler if hasattr(model.roi_heads, "pooler") else model.roi_heads.box_pooler
+    calls = []
+    for level in pooler.level_poolers:
+        assert isinstance(level, ThreadedROIAlign)
+        inner = level.inner.forward
+        level.inner.forward = lambda x, rois, inner=inner: (calls.append(len(rois)), inner(x, rois))[1]
+    g = torch.Generator().manual_seed(2)
+    boxes = [_rois(100, g)[:, 1:].clamp(max=127.0)]
+    x = [image_input(128, 128)]
+    threaded = model.encode_boxes(x, boxes)[0]
+    assert len(calls) > len(pooler.level_poolers) and max(calls) < 100  # the regions were split
+    torch.set_num_threads(1)
+    calls.clear()
+    single = model.encode_boxes(x, boxes)[0]
+    assert sum(calls) == 100 and len(calls) <= len(pooler.level_poolers)  # one call per level
+    assert torch.equal(threaded, single)
