@@ -15,6 +15,7 @@ import time
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from helpers import tiny_cfg
 
@@ -203,3 +204,41 @@ def test_concurrent_set_vocabulary_keeps_names_with_embeddings(tiny_clip_config)
     emb = model.roi_heads.box_predictor.test_vocabulary.embeddings
     assert names in (list(first[1]), list(second[1]))
     torch.testing.assert_close(emb, first[0] if names == list(first[1]) else second[0])
+
+
+@pytest.mark.parametrize("when,expected", [("before_scoring", 1), ("after_scoring", 0)])
+def test_set_vocabulary_forced_inside_a_prediction(tiny_clip_config, when, expected):
+    """Another thread's set_vocabulary lands at a chosen point of a running prediction: after
+    the region features and before scoring, the whole prediction is the new vocabulary's;
+    after scoring, the whole prediction is the old one's (never a mix)."""
+    predictor = _predictor(tiny_clip_config)
+    model, pred = predictor.model, predictor.model.roi_heads.box_predictor
+    g = torch.Generator().manual_seed(3)
+    vocabularies = [(torch.randn(3, 64, generator=g), ["a", "b", "c"]),
+                    (torch.randn(5, 64, generator=g), ["p", "q", "r", "s", "t"])]
+    image = _images(1)[0]
+    reference = []
+    for emb, names in vocabularies:
+        model.set_vocabulary(emb, names)
+        reference.append(_detections(predictor(image)))
+    model.set_vocabulary(*vocabularies[0])
+
+    def swap_in_another_thread():
+        t = threading.Thread(target=model.set_vocabulary, args=vocabularies[1])
+        t.start()
+        t.join()
+
+    name = "embed" if when == "before_scoring" else "inference"
+    original = getattr(pred, name)
+
+    def hooked(*args, **kwargs):
+        swap_in_another_thread()
+        return original(*args, **kwargs)
+
+    setattr(pred, name, hooked)
+    try:
+        got = _detections(predictor(image))
+    finally:
+        delattr(pred, name)
+    assert model.class_names == vocabularies[1][1]  # the swap happened during the call
+    _assert_same(got, reference[expected])
