@@ -51,10 +51,18 @@ class ThreadedROIAlign(nn.Module):
         if input.device.type != "cpu" or threads <= 1 or rois.shape[0] < max(self.min_regions, 2):
             return self.inner(input, rois)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        # autocast is per thread too: the workers get the caller's, so that torchvision's
+        # autocast wrapper pools bf16 input in float32 (its CPU kernel has no bf16)
+        autocast = torch.is_autocast_enabled("cpu")
+        autocast_dtype = torch.get_autocast_dtype("cpu")
+
+        def like_caller():
+            return torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast)
+
         if grad and input.requires_grad:  # autograd: one part per thread, concatenated
 
             def pool(part):  # grad mode is per thread: carry the caller's over
-                with torch.set_grad_enabled(True):
+                with torch.set_grad_enabled(True), like_caller():
                     return self.inner(input, part)
 
             return torch.cat(list(_executor(threads).map(pool, torch.tensor_split(rois, threads))), dim=0)
@@ -66,7 +74,7 @@ class ThreadedROIAlign(nn.Module):
         starts = range(self.slice, rois.shape[0], self.slice)
 
         def fill(start):
-            with (torch.inference_mode() if inference else torch.no_grad()):
+            with (torch.inference_mode() if inference else torch.no_grad()), like_caller():
                 out[start:start + self.slice] = self.inner(input, rois[start:start + self.slice])
 
         list(_executor(threads).map(fill, starts))

@@ -80,3 +80,46 @@ def test_threaded_path_inside_the_detector(config, tiny_clip_config, two_threads
     single = model.encode_boxes(x, boxes)[0]
     assert sum(calls) == 100 and len(calls) <= len(pooler.level_poolers)  # one call per level
     assert torch.equal(threaded, single)
+
+
+def test_threaded_roi_align_under_bf16_autocast(two_threads):
+    """Autocast is per thread: the workers get the caller's, so bf16 input is pooled (in float32,
+    torchvision's autocast rule) exactly as one call does; it used to fail in the workers
+    ("roi_align_forward_kernel not implemented for 'BFloat16'")."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 12, 12, generator=g).bfloat16()
+    rois = _rois(150, g)
+    plain = ROIAlign((7, 7), 1 / 16, 0, aligned=True)
+    threaded = ThreadedROIAlign(plain)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain(x, rois)
+        assert torch.equal(threaded(x, rois), want)
+    xa, xb = x.float().clone().requires_grad_(), x.float().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(xa.bfloat16(), rois), threaded(xb.bfloat16(), rois)
+    assert torch.equal(a, b)
+    a.float().sum().backward()
+    b.float().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-2, atol=1e-3)  # bf16 sums, in another order
+
+
+def test_bf16_detector_over_the_threaded_region_count(tiny_clip_config, two_threads):
+    """INFERENCE_DTYPE bfloat16 with 100 regions (the threaded RoIAlign path) runs and keeps the
+    float32 classification of the boxes (GT mode: the same regions in both)."""
+    from helpers import image_input, tiny_model
+
+    config = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
+    g = torch.Generator().manual_seed(5)
+    boxes = _rois(100, g)[:, 1:].clamp(max=127.0)
+    x = [image_input(128, 128, boxes=boxes.tolist())]
+    extra = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.ROI_HEADS.NMS_THRESH_TEST", 1.0,
+             "TEST.DETECTIONS_PER_IMAGE", 1000, "MODEL.CLIP.NO_BOX_DELTA", True]
+    fp32 = tiny_model(config, tiny_clip_config, extra=extra)
+    bf16 = tiny_model(config, tiny_clip_config, extra=extra + ["MODEL.CLIP.INFERENCE_DTYPE", "bfloat16"])
+    a = fp32.encode_boxes(x, [boxes])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b = bf16.encode_boxes(x, [boxes])[0]
+    with torch.no_grad():
+        out = bf16(x)[0]["instances"]  # the bf16 model's own path (autocast inside)
+    assert len(out) >= 100 and out.scores.dtype == torch.float32 and torch.isfinite(out.scores).all()
+    assert torch.nn.functional.cosine_similarity(a, b.float(), dim=1).min() > 0.99
