@@ -179,7 +179,8 @@ def build_caption_train_loader(cfg, mapper=None):
     """The training loader of the caption data sets in ``cfg.DATASETS.TRAIN``: an infinite,
     resumable stream of batches (lists of ``cfg.SOLVER.IMS_PER_BATCH`` / processes mapped
     dicts, see :class:`CaptionDatasetMapper`); unreadable images are skipped up to
-    ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` (see :mod:`regionclip_d2.data.loader`)."""
+    ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` and ``MIN_BAD_SAMPLES_TOLERATED`` (see
+    :mod:`regionclip_d2.data.loader`)."""
     from .loader import build_resumable_train_loader
 
     if mapper is None:
