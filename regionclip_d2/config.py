@@ -67,7 +67,15 @@ def add_regionclip_config(cfg):
     # --- optimiser ---
     _C.SOLVER.OPTIMIZER = "SGD"  # SGD (detectron2's, momentum SOLVER.MOMENTUM) | ADAMW (betas 0.9/0.999)
     # --- reliability of training runs ---
-    _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01  # skip unreadable samples; error once more than this fraction failed
+    # skip unreadable training samples; error once more than max(MAX_BAD_SAMPLE_FRACTION x data set size,
+    # MIN_BAD_SAMPLES_TOLERATED) have failed in one loader process (the floor: a data set under a few hundred
+    # images does not stop at its first bad image; both 0 = stop at the first); a data set whose every sample
+    # fails always stops
+    _C.DATALOADER.MAX_BAD_SAMPLE_FRACTION = 0.01
+    _C.DATALOADER.MIN_BAD_SAMPLES_TOLERATED = 5
+    # evaluation skips images it cannot read (logged, counted in the results, AP over the rest); error when every
+    # image fails or more than max(MAX_UNREADABLE_FRACTION x images, 1) do
+    _C.TEST.MAX_UNREADABLE_FRACTION = 0.05
     _C.SOLVER.NONFINITE_LOSS = "error"  # on a NaN/inf loss term: error (stop, naming it) | skip (the batch)
     _C.SOLVER.MAX_NONFINITE_SKIPS = 100  # with NONFINITE_LOSS skip: error after skipping more batches than this
     _C.SOLVER.CHECKPOINT_KEEP_LAST = 0  # keep the last N periodic checkpoints (0 = all; model_final is kept)

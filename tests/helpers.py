@@ -73,3 +73,23 @@ def make_coco(root, n_images=3, seed=0, names=("red square", "green square", "bl
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
     return path, root / "images"
+
+
+def exif_rotated_copy(images, ann, index):
+    """Replace image ``index`` of a COCO file by a JPEG of the same stored pixels tagged EXIF
+    orientation 6 ("turn 90 degrees clockwise to view"); the annotation keeps the stored size,
+    as COCO's own files do. Returns the new file name."""
+    import json
+
+    from PIL import Image
+
+    data = json.loads(ann.read_text())
+    im = data["images"][index]
+    pixels = Image.open(images / im["file_name"]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    name = im["file_name"].rsplit(".", 1)[0] + "_exif.jpg"
+    pixels.save(images / name, quality=95, exif=exif.tobytes())
+    im["file_name"] = name
+    ann.write_text(json.dumps(data))
+    return name

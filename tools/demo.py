@@ -6,6 +6,12 @@ drawn by detectron2's Visualizer) and <output>/<name>_<ext>.json (the detections
 are never overwritten and names never collide. Inputs are checked before any model work;
 the exit status is 1 when no input could be processed.
 
+Images are read as in training and evaluation (regionclip_d2.data.images.read_image): any
+pixel mode becomes 8-bit RGB (16-bit images scaled, palette and CMYK converted,
+transparency dropped), and the EXIF orientation is applied, as there is no annotation to
+say otherwise, so boxes refer to the upright image a viewer shows (its height and width
+are in the JSON).
+
 Example:
   python tools/demo.py --config-file configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml \\
       --input photos/ --output out/ --vocabulary custom --custom-vocabulary "cat,remote,couch" \\
@@ -100,12 +106,12 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.logger import setup_logger
     from detectron2.utils.visualizer import Visualizer
 
     from regionclip_d2 import get_regionclip_cfg
+    from regionclip_d2.data.images import read_image
 
     setup_logger(name="regionclip_d2")
     logger = logging.getLogger("regionclip_d2.demo")

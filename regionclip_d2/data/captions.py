@@ -19,10 +19,10 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .concepts import DEFAULT_MAX_CHARS, format_stats, iter_caption_records, new_stats
+from .images import annotated_size, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class CaptionDatasetMapper:
             raise ValueError(f"dataset dict of {file_name!r} has no captions: caption data sets need a "
                              "'captions' list (see register_caption_dataset)")
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format, expected_size=annotated_size(d))
             if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
                 raise ValueError(f"decoded to an array of shape {image.shape}")
         except Exception as e:  # noqa: BLE001  missing, truncated or corrupt files
@@ -179,7 +179,8 @@ def build_caption_train_loader(cfg, mapper=None):
     """The training loader of the caption data sets in ``cfg.DATASETS.TRAIN``: an infinite,
     resumable stream of batches (lists of ``cfg.SOLVER.IMS_PER_BATCH`` / processes mapped
     dicts, see :class:`CaptionDatasetMapper`); unreadable images are skipped up to
-    ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` (see :mod:`regionclip_d2.data.loader`)."""
+    ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` and ``MIN_BAD_SAMPLES_TOLERATED`` (see
+    :mod:`regionclip_d2.data.loader`)."""
     from .loader import build_resumable_train_loader
 
     if mapper is None:

@@ -25,8 +25,10 @@ orientation. Exact as long as the image files are unchanged between the run and 
 Bad samples (an image that is missing, truncated or undecodable, an annotation the mapper
 rejects) are skipped: :class:`SafeMappedDataset` logs each with its file name, counts it,
 uses the next sample of the data set instead, and raises :class:`BadSampleError` once more
-than ``max_bad_fraction`` of the data set has proven bad in one loader process
-(``DATALOADER.MAX_BAD_SAMPLE_FRACTION``).
+than ``max(max_bad_fraction * len(data set), min_bad_tolerated)`` samples have proven bad in
+one loader process (``DATALOADER.MAX_BAD_SAMPLE_FRACTION``, ``DATALOADER.MIN_BAD_SAMPLES_TOLERATED``:
+the floor keeps a data set of fewer than a few hundred images from stopping at its first bad
+image, which a fraction alone would do).
 """
 import bisect
 import itertools
@@ -62,19 +64,26 @@ class SafeMappedDataset(torch.utils.data.Dataset):
     is logged with its file name and counted, and ``dicts[i + 1]``, ``dicts[i + 2]``, ...
     are tried instead.
 
-    Raises :class:`BadSampleError` when more than ``max_bad_fraction`` of the data set has
-    failed in this process, or ``max_tries`` samples in a row fail (a broken image folder
-    stops the run at once, with the first error in the message).
+    Raises :class:`BadSampleError` when more than ``max_bad_fraction`` of the data set, and
+    more than ``min_bad_tolerated`` samples, have failed in this process (the ceiling is
+    ``max(max_bad_fraction * len(dicts), min_bad_tolerated)``; both 0 stop at the first bad
+    sample), or ``max_tries`` samples in a row fail (a broken image folder stops the run at
+    once, with the first error in the message; so does a data set whose every sample fails,
+    however small).
     """
 
     def __init__(self, dicts: Sequence[dict], mapper: Callable, max_bad_fraction: float = 0.01,
-                 max_tries: int = 100):
+                 max_tries: int = 100, min_bad_tolerated: int = 5):
         if not len(dicts):
             raise ValueError("the training data set is empty: check DATASETS.TRAIN and its annotation file")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"DATALOADER.MAX_BAD_SAMPLE_FRACTION must be in [0, 1], got {max_bad_fraction}")
+        if min_bad_tolerated < 0:
+            raise ValueError(f"DATALOADER.MIN_BAD_SAMPLES_TOLERATED must be >= 0, got {min_bad_tolerated}")
         self.dicts, self.mapper = dicts, mapper
         self.max_bad_fraction = max_bad_fraction
+        self.min_bad_tolerated = int(min_bad_tolerated)
+        self.max_bad = max(max_bad_fraction * len(dicts), self.min_bad_tolerated)
         self.max_tries = max(1, min(max_tries, len(dicts)))
         self.bad: Dict[int, str] = {}  # index -> reason, in this process
 
@@ -91,10 +100,11 @@ class SafeMappedDataset(torch.utils.data.Dataset):
         if first and (n <= 10 or n % 100 == 0):
             logger.warning("skipping bad training sample %s (%s): %d of %d skipped so far in this process",
                            self._name(d), reason, n, total)
-        if n > self.max_bad_fraction * total:
+        if n > self.max_bad:
             raise BadSampleError(
                 f"{n} of {total} training samples ({100.0 * n / total:.2f}%) could not be loaded, more than "
-                f"DATALOADER.MAX_BAD_SAMPLE_FRACTION={self.max_bad_fraction}; latest: {self._name(d)} ({reason}). "
+                f"DATALOADER.MAX_BAD_SAMPLE_FRACTION={self.max_bad_fraction} of them and more than "
+                f"DATALOADER.MIN_BAD_SAMPLES_TOLERATED={self.min_bad_tolerated}; latest: {self._name(d)} ({reason}). "
                 "Fix or remove the bad files, or raise DATALOADER.MAX_BAD_SAMPLE_FRACTION")
 
     def __getitem__(self, idx: int):
@@ -339,8 +349,8 @@ def build_resumable_train_loader(cfg, dicts: List[dict], mapper: Callable) -> Re
     """The training loader of regionclip_d2 for ``dicts`` (detection or caption data):
     ``cfg.SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_WORKERS``, ``ASPECT_RATIO_GROUPING``,
     ``SAMPLER_TRAIN`` (``TrainingSampler`` or ``RepeatFactorTrainingSampler`` with
-    ``REPEAT_THRESHOLD``), ``MAX_BAD_SAMPLE_FRACTION``; seeded from ``cfg.SEED`` unless the
-    trainer sets ``loader.seed``."""
+    ``REPEAT_THRESHOLD``), ``MAX_BAD_SAMPLE_FRACTION``, ``MIN_BAD_SAMPLES_TOLERATED``; seeded
+    from ``cfg.SEED`` unless the trainer sets ``loader.seed``."""
     name = cfg.DATALOADER.SAMPLER_TRAIN
     repeat_factors = None
     if name == "RepeatFactorTrainingSampler":
@@ -350,7 +360,8 @@ def build_resumable_train_loader(cfg, dicts: List[dict], mapper: Callable) -> Re
         raise ValueError(f"DATALOADER.SAMPLER_TRAIN={name!r} is not supported: use TrainingSampler or "
                          "RepeatFactorTrainingSampler")
     logger.info("training sampler: %s, %d samples", name, len(dicts))
-    dataset = SafeMappedDataset(dicts, mapper, cfg.DATALOADER.MAX_BAD_SAMPLE_FRACTION)
+    dataset = SafeMappedDataset(dicts, mapper, cfg.DATALOADER.MAX_BAD_SAMPLE_FRACTION,
+                                min_bad_tolerated=cfg.DATALOADER.MIN_BAD_SAMPLES_TOLERATED)
     return ResumableTrainLoader(dataset, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
                                 seed=cfg.SEED if cfg.SEED >= 0 else None,
                                 aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,

@@ -12,13 +12,14 @@ import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import print_csv_format
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..checkpoint import RegionCLIPCheckpointer
 from ..data.loader import ResumableTrainLoader, build_resumable_train_loader
 from ..data.mappers import build_test_mapper, build_train_mapper
 from ..evaluation import build_evaluator
+from ..evaluation.unreadable import SkipUnreadableMapper, evaluate_skipping_unreadable
 from .train_loop import GuardedTrainer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class RegionCLIPTrainer(DefaultTrainer):
     same data, the same random draws and the same optimizer and scheduler state as an
     uninterrupted run (exactly, with or without ``DATALOADER.ASPECT_RATIO_GROUPING``, on
     detection and caption data: see :mod:`regionclip_d2.data.loader`); bad samples are
-    skipped up to ``DATALOADER.MAX_BAD_SAMPLE_FRACTION``; non-finite losses stop the run or
+    skipped up to ``DATALOADER.MAX_BAD_SAMPLE_FRACTION`` (at least ``MIN_BAD_SAMPLES_TOLERATED``);
+    evaluation leaves out images it cannot read (``TEST.MAX_UNREADABLE_FRACTION``); non-finite
+    losses stop the run or
     are skipped (``SOLVER.NONFINITE_LOSS``)."""
 
     def __init__(self, cfg):
@@ -210,23 +213,31 @@ class RegionCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
+        """detectron2's test loader with :func:`build_test_mapper`; an image that cannot be read
+        becomes a placeholder naming it (:class:`SkipUnreadableMapper`) instead of an error."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=SkipUnreadableMapper(build_test_mapper(cfg)))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """Evaluate on every data set of ``DATASETS.TEST``; results also go to
+        ``OUTPUT_DIR/inference/<name>/results.json``. Images that cannot be read are left out,
+        logged and counted (``results[name]["images"]``; results.json also lists them under
+        ``unreadable_images``) up to ``TEST.MAX_UNREADABLE_FRACTION``
+        (see :mod:`regionclip_d2.evaluation.unreadable`)."""
         results = {}
         was_training = model.training
         for name in cfg.DATASETS.TEST:
             loader = cls.build_test_loader(cfg, name)  # loads the data set and its class names
             match_vocabulary(model, name)
             evaluator = cls.build_evaluator(cfg, name)
-            res = inference_on_dataset(model, loader, evaluator)
+            res, unreadable = evaluate_skipping_unreadable(model, loader, evaluator, dataset_name=name,
+                                                           max_fraction=cfg.TEST.MAX_UNREADABLE_FRACTION)
             results[name] = res
             if comm.is_main_process():
                 print_csv_format(res)
                 out = os.path.join(cfg.OUTPUT_DIR, "inference", name)
                 os.makedirs(out, exist_ok=True)
                 with open(os.path.join(out, "results.json"), "w") as f:
-                    json.dump(res, f, indent=1)
+                    json.dump(dict(res, unreadable_images=unreadable), f, indent=1)
         model.train(was_training)
         return results

@@ -51,7 +51,39 @@ def split_ap(precisions: np.ndarray, class_names, novel_classes):
     return out, per_class
 
 
-class OVDCOCOEvaluator(COCOEvaluator):
+class RegionCLIPCOCOEvaluator(COCOEvaluator):
+    """detectron2's COCOEvaluator that can leave images out of the metrics
+    (:meth:`evaluate_without`, for images that could not be read)."""
+
+    def evaluate_without(self, image_ids):
+        """Evaluate on the data set's images except ``image_ids``: their ground truth is not
+        counted (``COCOeval.params.imgIds``)."""
+        excluded = set(image_ids)
+        return self.evaluate(img_ids=[i for i in self._coco_api.getImgIds() if i not in excluded])
+
+
+class RegionCLIPLVISEvaluator(LVISEvaluator):
+    """detectron2's LVISEvaluator that can leave images out of the metrics
+    (:meth:`evaluate_without`, for images that could not be read)."""
+
+    def evaluate_without(self, image_ids):
+        """Evaluate against the ground truth of the data set's images except ``image_ids``."""
+        from lvis import LVIS
+
+        excluded, full = set(image_ids), self._lvis_api
+        subset = LVIS.__new__(LVIS)  # LVIS() reads a file; build the index from the filtered dict instead
+        subset.logger = full.logger
+        subset.dataset = dict(full.dataset, images=[im for im in full.dataset["images"] if im["id"] not in excluded],
+                              annotations=[a for a in full.dataset["annotations"] if a["image_id"] not in excluded])
+        subset._create_index()
+        self._lvis_api = subset
+        try:
+            return self.evaluate()
+        finally:
+            self._lvis_api = full
+
+
+class OVDCOCOEvaluator(RegionCLIPCOCOEvaluator):
     """COCOEvaluator that also reports novel / base / all AP50 (and AP)."""
 
     def __init__(self, dataset_name, novel_classes, **kwargs):
@@ -72,17 +104,19 @@ class OVDCOCOEvaluator(COCOEvaluator):
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
     """The evaluator for a registered data set, chosen by its ``evaluator_type`` metadata
-    (``coco`` or ``lvis``); COCO data sets with ``novel_classes`` get novel/base/all AP."""
+    (``coco`` or ``lvis``); COCO data sets with ``novel_classes`` get novel/base/all AP.
+    Each can leave unreadable images out (``evaluate_without``, see
+    :mod:`regionclip_d2.evaluation.unreadable`)."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     meta = MetadataCatalog.get(dataset_name)
     kind = getattr(meta, "evaluator_type", "coco")
     if kind == "lvis":
         lvis_numpy_compat()
-        return LVISEvaluator(dataset_name, output_dir=output_folder)
+        return RegionCLIPLVISEvaluator(dataset_name, output_dir=output_folder)
     if kind == "coco":
         novel = getattr(meta, "novel_classes", None)
         if novel is not None:
             return OVDCOCOEvaluator(dataset_name, novel, output_dir=output_folder, use_fast_impl=False)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        return RegionCLIPCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
     raise ValueError(f"data set {dataset_name!r} has evaluator_type {kind!r}; regionclip_d2 evaluates "
                      "'coco' and 'lvis' data sets")

@@ -1,6 +1,7 @@
 """Zero-shot region classification on ground-truth boxes (docs/method.md): the
 top-1 accuracy of classifying each ground-truth box against a vocabulary, per class and
 averaged over the novel, base and all classes."""
+import logging
 from collections import defaultdict
 from typing import Dict, List, Sequence
 
@@ -9,25 +10,52 @@ from tqdm import tqdm
 
 from detectron2.structures import pairwise_iou
 
+from .unreadable import UNREADABLE, SkipUnreadableMapper, too_many_unreadable, unreadable_error
+
+logger = logging.getLogger(__name__)
+
+
+class _Unreadable:
+    """Unreadable images of one evaluation: each logged as it is met; too many is an error."""
+
+    def __init__(self, total: int, max_fraction: float, what: str):
+        self.items, self.total, self.max_fraction, self.what = [], total, max_fraction, what
+
+    def add(self, x) -> None:
+        self.items.append({"file_name": str(x.get("file_name")), "image_id": x.get("image_id"),
+                           "reason": x[UNREADABLE]})
+        logger.warning("%s: CANNOT READ IMAGE %s (%s): it is excluded", self.what, x.get("file_name"),
+                       x[UNREADABLE])
+        if too_many_unreadable(len(self.items), self.total, self.max_fraction):
+            raise unreadable_error(self.items, self.total, self.max_fraction, self.what)
+
 
 @torch.no_grad()
 def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, class_names: Sequence[str],
-                                   novel_classes: Sequence[str] = (), progress: bool = True) -> Dict:
+                                   novel_classes: Sequence[str] = (), progress: bool = True,
+                                   max_unreadable_fraction: float = 0.05) -> Dict:
     """Classify every ground-truth box of ``dataset_dicts`` with a ``CLIPFastRCNN`` (C4 or
     FPN; the boxes are encoded by ``model.encode_boxes``).
 
     The model's vocabulary is set to ``class_names`` (the data set's classes, in its
     contiguous order); each box's prediction is the argmax over the classes (background
     excluded). Returns ``{"acc-novel", "acc-base", "acc-all"}`` (mean of per-class top-1
-    accuracy, in %), ``"per_class"`` and ``"boxes"``.
+    accuracy, in %), ``"per_class"``, ``"boxes"`` and ``"unreadable_images"`` (how many images
+    could not be read and were left out; more than ``max_unreadable_fraction`` of them, or
+    all, is :class:`~regionclip_d2.evaluation.unreadable.UnreadableImagesError`).
     """
     model.eval()
     model.set_vocabulary(list(class_names))
     pred = model.roi_heads.box_predictor
     correct, total = defaultdict(int), defaultdict(int)
+    mapper = SkipUnreadableMapper(mapper)
+    unreadable = _Unreadable(len(dataset_dicts), max_unreadable_fraction, "region classification")
     for d in tqdm(dataset_dicts, desc="region classification", unit="img", disable=not progress):
         x = mapper(d)
-        if x is None or "instances" not in x or len(x["instances"]) == 0:
+        if UNREADABLE in x:
+            unreadable.add(x)
+            continue
+        if "instances" not in x or len(x["instances"]) == 0:
             continue
         emb = model.encode_boxes([x], [x["instances"].gt_boxes])[0]
         logits = pred.classify(emb)
@@ -37,7 +65,7 @@ def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, cla
             correct[t] += int(g == t)
     per_class = {class_names[c]: 100.0 * correct[c] / total[c] for c in total}
     novel = set(novel_classes)
-    out = {"per_class": per_class, "boxes": int(sum(total.values()))}
+    out = {"per_class": per_class, "boxes": int(sum(total.values())), "unreadable_images": len(unreadable.items)}
     for split, names in (("novel", [n for n in per_class if n in novel]),
                          ("base", [n for n in per_class if n not in novel]), ("all", list(per_class))):
         out[f"acc-{split}"] = sum(per_class[n] for n in names) / len(names) if names else float("nan")
@@ -47,7 +75,7 @@ def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, cla
 @torch.no_grad()
 def pseudo_label_accuracy(model, dataset_dicts: List[Dict], mapper, concept_names: Sequence[str],
                           class_names: Sequence[str], novel_classes: Sequence[str] = (),
-                          iou_threshold: float = 0.5) -> Dict:
+                          iou_threshold: float = 0.5, max_unreadable_fraction: float = 0.05) -> Dict:
     """How often a ``PretrainFastRCNN`` teacher's pseudo label names the object a region shows.
 
     For every region the model samples (its RPN, grid or random regions) that overlaps a
@@ -57,14 +85,20 @@ def pseudo_label_accuracy(model, dataset_dicts: List[Dict], mapper, concept_name
     (``build_test_mapper`` of a GT-mode config).
 
     Returns ``{"accuracy", "accuracy-base", "accuracy-novel"}`` (%, over regions),
-    ``"regions"`` (how many were judged) and ``"per_class"``.
+    ``"regions"`` (how many were judged), ``"per_class"`` and ``"unreadable_images"`` (left
+    out, as in :func:`region_classification_accuracy`).
     """
     model.eval()
     novel = set(novel_classes)
     correct, total = defaultdict(int), defaultdict(int)
+    mapper = SkipUnreadableMapper(mapper)
+    unreadable = _Unreadable(len(dataset_dicts), max_unreadable_fraction, "pseudo-label accuracy")
     for d in dataset_dicts:
         x = mapper(d)
-        if x is None or "instances" not in x or len(x["instances"]) == 0:
+        if UNREADABLE in x:
+            unreadable.add(x)
+            continue
+        if "instances" not in x or len(x["instances"]) == 0:
             continue
         out = model([x])[0]
         iou = pairwise_iou(out["regions"], x["instances"].gt_boxes.to(out["regions"].device))
@@ -81,4 +115,4 @@ def pseudo_label_accuracy(model, dataset_dicts: List[Dict], mapper, concept_name
 
     return {"accuracy": rate(list(total)), "accuracy-base": rate([c for c in total if c not in novel]),
             "accuracy-novel": rate([c for c in total if c in novel]), "regions": int(sum(total.values())),
-            "per_class": {c: 100.0 * correct[c] / total[c] for c in total}}
+            "per_class": {c: 100.0 * correct[c] / total[c] for c in total}, "unreadable_images": len(unreadable.items)}

@@ -138,11 +138,12 @@ def _corrupt(images):
     (images / "1.png").write_bytes(png[: len(png) // 2])  # truncated half way
 
 
-def _cfg(name, fraction, grouping=False):
+def _cfg(name, fraction, grouping=False, floor=0):
     cfg = get_regionclip_cfg()
     cfg.merge_from_list(["DATASETS.TRAIN", (name,), "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 2,
                          "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96, "SEED", 0,
                          "DATALOADER.MAX_BAD_SAMPLE_FRACTION", fraction,
+                         "DATALOADER.MIN_BAD_SAMPLES_TOLERATED", floor,
                          "DATALOADER.ASPECT_RATIO_GROUPING", grouping])
     return cfg
 
@@ -173,6 +174,52 @@ def test_bad_images_skipped_logged_and_capped(tmp_path, caplog):
     finally:
         DatasetCatalog.remove("test_loader_bad")
         MetadataCatalog.remove("test_loader_bad")
+
+
+def _failing_mapper(bad):
+    def mapper(d):
+        if d["image_id"] in bad:
+            raise OSError(f"image file is truncated ({d['file_name']})")
+        return d
+    return mapper
+
+
+def _drain(dataset, n=60):
+    return [dataset[i % len(dataset)]["image_id"] for i in range(n)]
+
+
+def test_tiny_data_set_tolerates_a_few_bad_samples(tmp_path):
+    """The default ceiling, 1% of 20 samples, would stop at the first bad one; the floor
+    (DATALOADER.MIN_BAD_SAMPLES_TOLERATED, default 5) lets a few through."""
+    dicts = [{"file_name": f"{i}.png", "image_id": i, "height": 8, "width": 8} for i in range(20)]
+    cfg = get_regionclip_cfg()
+    assert (cfg.DATALOADER.MAX_BAD_SAMPLE_FRACTION, cfg.DATALOADER.MIN_BAD_SAMPLES_TOLERATED) == (0.01, 5)
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "SEED", 0])
+    loader = build_resumable_train_loader(cfg, dicts, _failing_mapper({3}))
+    assert loader.dataset.max_bad == 5
+    it = iter(loader)
+    seen = {x["image_id"] for _ in range(30) for x in next(it)}  # three epochs
+    assert seen == set(range(20)) - {3} and sorted(loader.dataset.bad) == [3]
+    # five bad samples are still tolerated, the sixth stops the run naming both keys
+    ds = SafeMappedDataset(dicts, _failing_mapper({1, 4, 7, 10, 13}), min_bad_tolerated=5)
+    assert set(_drain(ds)) == set(range(20)) - {1, 4, 7, 10, 13}
+    ds = SafeMappedDataset(dicts, _failing_mapper({1, 4, 7, 10, 13, 16}), min_bad_tolerated=5)
+    with pytest.raises(BadSampleError, match=r"6 of 20 training samples.*MAX_BAD_SAMPLE_FRACTION=0.01.*"
+                                             r"MIN_BAD_SAMPLES_TOLERATED=5; latest: 16.png"):
+        _drain(ds)
+    # a large data set: the fraction rules (1% of 1000 = 10)
+    many = [{"file_name": f"{i}.png", "image_id": i} for i in range(1000)]
+    assert SafeMappedDataset(many, _failing_mapper(set()), min_bad_tolerated=5).max_bad == 10
+    # both 0: the first bad sample stops the run
+    ds = SafeMappedDataset(dicts, _failing_mapper({2}), max_bad_fraction=0.0, min_bad_tolerated=0)
+    with pytest.raises(BadSampleError, match="1 of 20"):
+        _drain(ds)
+    with pytest.raises(ValueError, match="MIN_BAD_SAMPLES_TOLERATED"):
+        SafeMappedDataset(dicts, ds.mapper, min_bad_tolerated=-1)
+    # a tiny data set whose every sample fails still stops, however high the floor
+    ds = SafeMappedDataset(dicts[:3], _failing_mapper({0, 1, 2}), min_bad_tolerated=5)
+    with pytest.raises(BadSampleError, match="3 training samples in a row"):
+        ds[0]
 
 
 def test_malformed_annotations_skipped(tmp_path):

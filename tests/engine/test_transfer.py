@@ -79,10 +79,21 @@ def test_train_checkpoint_resume_evaluate(tiny_clip_config, tmp_path):
 
 
 def test_two_cpu_processes(tiny_clip_config, tmp_path):
-    log = run(train_cmd(tmp_path, tiny_clip_config, max_iter=2, num_gpus=2,
-                        extra=["SOLVER.CHECKPOINT_PERIOD", "100"]))
+    """Also: a bad training image in a 4-image data set is skipped (the floor of the bad-sample
+    ceiling), and an unreadable test image seen by the second process only is left out of the
+    end-of-training evaluation and reported by the main process."""
+    cmd = train_cmd(tmp_path, tiny_clip_config, max_iter=2, num_gpus=2, extra=["SOLVER.CHECKPOINT_PERIOD", "100"])
+    (tmp_path / "train" / "images" / "0.png").write_bytes(b"not an image")
+    data = (tmp_path / "test" / "images" / "2.png").read_bytes()  # the second process's shard: image 3 of 3
+    (tmp_path / "test" / "images" / "2.png").write_bytes(data[: len(data) // 2])
+    log = run(cmd)
     assert (tmp_path / "out" / "model_final.pth").is_file()
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
+    assert "skipping bad training sample" in log and "0.png" in log
+    res = json.loads((tmp_path / "out" / "inference" / "toy_test" / "results.json").read_text())
+    assert res["images"] == {"total": 3, "evaluated": 2, "unreadable": 1}
+    assert [x["file_name"].rsplit("/", 1)[1] for x in res["unreadable_images"]] == ["2.png"]
+    assert "1 of 3 images could not be read and are excluded" in log
 
 
 def test_unseeded_run_saves_its_seed_and_resumes_exactly(tiny_clip_config, tmp_path):

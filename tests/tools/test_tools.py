@@ -113,3 +113,40 @@ def test_demo_checks_inputs_first_and_never_overwrites(tiny_clip_config, tmp_pat
     assert len(set(stems)) == 4
     outputs = {os.path.join(str(d), s + e) for s in stems for e in (".jpg", ".json")}
     assert not outputs & set(files)
+
+
+def test_demo_reads_unusual_pixel_modes_and_applies_exif(tiny_clip_config, tmp_path):
+    """The demo reads as training and evaluation do: 16-bit scaled (detectron2 alone: white),
+    palette, CMYK and grey-alpha images in their colours; an EXIF-rotated photo upright."""
+    from PIL import Image
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    h, w = 64, 512  # 512 wide: the demo draws at scale 1, so its output image is the input image
+    Image.fromarray(np.full((h, w), 257 * 100, np.uint16)).save(inp / "sixteen.png")
+    pal = Image.new("P", (w, h), 1)
+    pal.putpalette([0, 0, 0, 200, 100, 50])
+    pal.save(inp / "palette.png", transparency=1)
+    Image.new("CMYK", (w, h), (0, 255, 255, 0)).save(inp / "cmyk.jpg", quality=100)
+    Image.fromarray(np.stack([np.full((h, w), 100, np.uint8), np.zeros((h, w), np.uint8)], 2), mode="LA").save(
+        inp / "la.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 512 x 64, shown 64 wide and 512 tall
+    Image.new("RGB", (w, h), (0, 0, 255)).save(inp / "rot.jpg", quality=100, exif=exif.tobytes())
+    out = tmp_path / "out"
+    r = run(["tools/demo.py", "--input", str(inp), "--output", str(out), "--vocabulary", "custom",
+             "--custom-vocabulary", "red star,moon", "--confidence-threshold", "2", "--random-weights",
+             "--opts", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
+             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.PROMPT_TEMPLATES", "single",
+             "INPUT.MIN_SIZE_TEST", "64", "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "20"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = {"sixteen_png": (100, 100, 100), "palette_png": (200, 100, 50), "cmyk_jpg": (255, 0, 0),
+                "la_png": (100, 100, 100), "rot_jpg": (0, 0, 255)}
+    for stem, colour in expected.items():
+        data = json.loads((out / f"{stem}.json").read_text())
+        size = (data["height"], data["width"])
+        assert size == ((w, h) if stem == "rot_jpg" else (h, w)), (stem, size)
+        drawn = np.asarray(Image.open(out / f"{stem}.jpg").convert("RGB"))
+        assert drawn.shape[:2] == size, stem
+        centre = drawn[size[0] // 4: 3 * size[0] // 4, size[1] // 4: 3 * size[1] // 4].reshape(-1, 3).mean(0)
+        assert np.abs(centre - np.array(colour)).max() <= 6, (stem, centre)
