@@ -52,6 +52,13 @@ class GuardedTrainer(SimpleTrainer):
             grad_scaler = torch.cuda.amp.GradScaler()
         self.grad_scaler = grad_scaler
 
+    @classmethod
+    def from_config(cls, cfg, model, data_loader, optimizer, seed: Optional[int] = None):
+        """The training step as the config sets it up (SOLVER.NONFINITE_LOSS,
+        SOLVER.MAX_NONFINITE_SKIPS, SOLVER.AMP.ENABLED)."""
+        return cls(model, data_loader, optimizer, seed=seed, nonfinite=cfg.SOLVER.NONFINITE_LOSS,
+                   max_skips=cfg.SOLVER.MAX_NONFINITE_SKIPS, amp=cfg.SOLVER.AMP.ENABLED)
+
     def _bad_terms(self, loss_dict):
         bad = {k: float(v.detach().float().sum()) for k, v in loss_dict.items()
                if not bool(torch.isfinite(v.detach()).all())}

@@ -123,9 +123,7 @@ class RegionCLIPTrainer(DefaultTrainer):
         # an unseeded run (SEED < 0) also resumes exactly
         self.seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         t = self._trainer
-        self._trainer = GuardedTrainer(t.model, t.data_loader, t.optimizer, seed=self.seed,
-                                       nonfinite=cfg.SOLVER.NONFINITE_LOSS, max_skips=cfg.SOLVER.MAX_NONFINITE_SKIPS,
-                                       amp=cfg.SOLVER.AMP.ENABLED)
+        self._trainer = GuardedTrainer.from_config(cfg, t.model, t.data_loader, t.optimizer, seed=self.seed)
         self._set_loader_state()
         # our checkpointer: every weight format, weights-only loading unless trusted
         self.checkpointer = RegionCLIPCheckpointer(
