@@ -613,3 +613,33 @@ def test_cosine_logits_and_pseudo_labels_finite(x, y, threshold):
     labels, soft, keep = pseudo_labels(logits, threshold)
     assert keep.any() and ((labels >= 0) & (labels < len(y))).all()
     assert torch.allclose(soft.sum(-1), torch.ones(len(x)), atol=1e-5)
+
+
+_STRUCTURAL = {  # mutation -> the entry the error must name
+    "bbox not a list": (lambda d: d["annotations"][1].__setitem__("bbox", "oops"), r"annotations\[1\] \(id 11\)"),
+    "image without id": (lambda d: d["images"][1].pop("id"), r"images\[1\] lacks 'id'"),
+    "unknown image": (lambda d: d["annotations"][1].__setitem__("image_id", 99), r"annotations\[1\].*image_id 99"),
+    "unknown category": (lambda d: d["annotations"][1].__setitem__("category_id", 7),
+                         r"annotations\[1\].*category_id 7"),
+    "duplicate image id": (lambda d: d["images"][1].__setitem__("id", 1), r"images\[1\] repeats id 1"),
+    "categories not a list": (lambda d: d.__setitem__("categories", {"a": 1}), r"no 'categories' list"),
+    "width not a number": (lambda d: d["images"][0].__setitem__("width", "wide"), r"images\[0\] \(id 1\).*width"),
+    "annotation not an object": (lambda d: d["annotations"].__setitem__(1, 5), r"annotations\[1\] is not an object"),
+    "category without name": (lambda d: d["categories"][1].pop("name"), r"categories\[1\] lacks"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_STRUCTURAL))
+def test_structural_annotation_errors_name_the_entry(case):
+    """Each structural error is an AnnotationError naming the file and the offending entry
+    (index and id), never a result and never a stray KeyError / TypeError."""
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+                       {"id": 2, "file_name": "b.png", "width": 100, "height": 80}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]},
+                            {"id": 11, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20]}]}
+    check_coco_annotations(json.loads(json.dumps(data)), "ann.json")  # the intact file is fine
+    mutate, entry = _STRUCTURAL[case]
+    mutate(data)
+    with pytest.raises(AnnotationError, match="^ann.json: " + entry):
+        check_coco_annotations(data, "ann.json")
