@@ -50,8 +50,10 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
                  bg_loss_weight: float = 1.0, focal_gamma: float = 0.0, no_box_delta: bool = False,
                  fusion: str = "none", only_fg: bool = False, **kwargs):
         kwargs["cls_agnostic_bbox_reg"] = True
-        # the number of classes is the active vocabulary's (set later, changeable at run time)
-        super().__init__(input_shape, num_classes=0, **kwargs)
+        # the number of classes is the active vocabulary's (set later, changeable at run time); the
+        # parent's one-class linear classifier is replaced below (built as before, so that seeded
+        # random initialisations of the whole detector stay what they were)
+        super().__init__(input_shape, num_classes=1, **kwargs)
         self.cls_score = TextEmbeddingClassifier(embed_dim, temperature)
         in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
         # a learned projection only when region features are not already in the joint space
