@@ -325,7 +325,17 @@ class Pipeline:
         with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
             res = json.load(f)["bbox"]
         res["weights"] = os.path.join(out, "model_final.pth")
+        res["top_labels"] = self.top_labels(os.path.join(out, "inference", "world_test", "coco_instances_results.json"))
         return res
+
+    def top_labels(self, detections_json: str) -> Dict:
+        """What the detector calls each test object (its top-scoring detection at IoU >= 0.5)."""
+        from regionclip_d2.evaluation.top_labels import top_label_breakdown
+
+        with open(self.ann("test")) as f:
+            gt = json.load(f)
+        with open(detections_json) as f:
+            return top_label_breakdown(gt, json.load(f))
 
     def transfer_rows(self):
         """(label, tag, arch) of the transfer detectors: the profile's ``transfer_arch`` for
@@ -455,11 +465,34 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
             f"- its pseudo labels on {teacher.get('regions', 0)} RPN regions overlapping a ground-truth box "
             f"(IoU >= 0.5): {teacher.get('accuracy', float('nan')):.1f}% name the right shape "
             f"(novel {teacher.get('accuracy-novel', float('nan')):.1f}%, base "
-            f"{teacher.get('accuracy-base', float('nan')):.1f}%).", "",
-            f"Concept pool: {results['concepts']} concepts.", "",
+            f"{teacher.get('accuracy-base', float('nan')):.1f}%).", ""] + top_label_lines(tr) + [
+            "", f"Concept pool: {results['concepts']} concepts.", "",
             "Stage times (s): " + ", ".join(f"{k.split(':')[0]} {v:.0f}" for k, v in results["timings_s"].items()),
             "", f"Visualised detections ({results.get('demo_detector', 'RegionCLIP student')} {arch} detector, "
             f"score >= {p['demo_threshold']}): {results['demo_dir']}"]
+
+
+def top_label_lines(transfer: Dict) -> List[str]:
+    """What each transfer detector calls the test objects (the label of the top-scoring
+    detection overlapping each ground-truth box): the pictures show these labels."""
+    lines = ["What the transfer detectors call the test objects (label of the top-scoring detection at "
+             "IoU >= 0.5; the pictures show these):"]
+    for label, t in transfer.items():
+        tl = t.get("top_labels")
+        if not tl:
+            continue
+        parts = []
+        for split, other in (("base", "novel"), ("novel", "base")):
+            row = tl.get(split)
+            if not row or not row["objects"]:
+                continue
+            n = row["objects"]
+            stolen = ", ".join(f"{k} {v}" for k, v in tl["other_split_labels"].get(split, {}).items())
+            parts.append(f"{split} objects ({n}): right {100 * row['right'] / n:.0f}%, another {split} class "
+                         f"{100 * row['wrong_same_split'] / n:.0f}%, a {other} class "
+                         f"{100 * row['other_split'] / n:.0f}%" + (f" ({stolen})" if stolen else ""))
+        lines.append(f"- {label}: " + "; ".join(parts) + f"; no detection {tl['missed']}.")
+    return lines
 
 
 def plot_results(results: Dict, path: str):
