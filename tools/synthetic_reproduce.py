@@ -65,7 +65,19 @@ def main(argv=None):
     ap.add_argument("--profile", default="demo", choices=list(PROFILES))
     ap.add_argument("--no-ablations", action="store_true", help="only the seeds")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile values")
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                    help="run the pretraining ablations on these seeds' worlds too (each one of --seeds; default: "
+                         "the first seed only) and report each ablation minus the world CLIP over them")
+    ap.add_argument("--ablations", nargs="+", default=None, metavar="NAME",
+                    help=f"only these pretraining ablations (default: all of {[n for n, _ in ABLATIONS]})")
     args = ap.parse_args(argv)
+    ablation_seeds = args.ablation_seeds or args.seeds[:1]
+    if not set(ablation_seeds) <= set(args.seeds):
+        ap.error(f"--ablation-seeds {ablation_seeds} must be among --seeds {args.seeds}")
+    chosen = args.ablations or [n for n, _ in ABLATIONS]
+    unknown = [n for n in chosen if n not in dict(ABLATIONS)]
+    if unknown:
+        ap.error(f"--ablations {unknown}: use names from {[n for n, _ in ABLATIONS]}")
     try:
         overrides = parse_overrides(args.set, args.profile)
     except ValueError as e:
@@ -79,25 +91,33 @@ def main(argv=None):
         pipe = Pipeline(out, args.profile, seed, overrides)
         path = os.path.join(out, "results.json")
         runs[seed] = json.load(open(path)) if os.path.isfile(path) else pipe.run()
-    ablations = {}
+    ablations, by_seed = {}, {}
     if not args.no_ablations:
+        for seed in ablation_seeds:
+            pipe = Pipeline(os.path.join(args.output, f"seed{seed}"), args.profile, seed, overrides)
+            os.makedirs(os.path.join(pipe.out, "ablations"), exist_ok=True)
+            by_seed[seed] = {}
+            for name, ov in ABLATIONS:
+                if name not in chosen:
+                    continue
+                print(f"=== ablation: {name} (seed {seed}) ===", flush=True)
+                tag = name.replace(" ", "_").replace("+", "plus")
+                by_seed[seed][name] = cached(os.path.join(pipe.out, "ablations", tag + ".json"),
+                                             lambda ov=ov, tag=tag, pipe=pipe: pipe.ablation(tag, ov,
+                                                                                             zero_shot_only=True))
         first = Pipeline(os.path.join(args.output, f"seed{args.seeds[0]}"), args.profile, args.seeds[0], overrides)
-        os.makedirs(os.path.join(first.out, "ablations"), exist_ok=True)
-        for name, ov in ABLATIONS:
-            print(f"=== ablation: {name} ===", flush=True)
-            tag = name.replace(" ", "_").replace("+", "plus")
-            ablations[name] = cached(os.path.join(first.out, "ablations", tag + ".json"),
-                                     lambda ov=ov, tag=tag: first.ablation(tag, ov, zero_shot_only=True))
+        ablations = dict(by_seed.get(args.seeds[0], {}))
         print("=== ablation: no focal scaling ===", flush=True)
         ablations["no focal scaling (transfer)"] = cached(
             os.path.join(first.out, "ablations", "no_focal.json"),
             lambda: first.ablation("no_focal", dict(focal=0.0), transfer_only=True))
-    md = report(runs, ablations, args, time.time() - t0)
+    md = report(runs, ablations, args, time.time() - t0) + seed_ablation_report(runs, by_seed)
     with open(os.path.join(args.output, "reproduce.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.output, "reproduce.json"), "w") as f:
         json.dump({"seeds": {s: {k: r[k] for k in ("zero_shot", "transfer", "teacher", "total_s")}
-                             for s, r in runs.items()}, "ablations": ablations}, f, indent=1, default=str)
+                             for s, r in runs.items()}, "ablations": ablations, "ablations_by_seed": by_seed},
+                  f, indent=1, default=str)
     plot(runs, ablations, os.path.join(args.output, "reproduce.png"))
     print("\n".join(md))
     return 0
@@ -135,6 +155,8 @@ def report(runs, ablations, args, seconds):
                f"| contrastive + distillation + image-text, RPN regions (default) | {full['acc-novel']:.1f} | "
                f"{full['acc-base']:.1f} | {full['acc-all']:.1f} |"]
         for name, _ in ABLATIONS:
+            if name not in ablations:
+                continue
             z = ablations[name]["zero_shot"]
             md.append(f"| {name} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} |")
         t_focal = runs[s0]["transfer"]["RegionCLIP student"]
@@ -144,6 +166,29 @@ def report(runs, ablations, args, seconds):
                f"{t_focal['AP50-all']:.1f} |",
                f"| no focal scaling | {t_nofocal['AP50-novel']:.1f} | {t_nofocal['AP50-base']:.1f} | "
                f"{t_nofocal['AP50-all']:.1f} |"]
+    return md
+
+
+def seed_ablation_report(runs, by_seed):
+    """With ablations on more than one seed: each setting minus that seed's world CLIP,
+    zero-shot GT-box accuracy, mean ± standard deviation over the seeds."""
+    seeds = [s for s in by_seed if by_seed[s]]
+    if len(seeds) < 2:
+        return []
+    names = [n for n, _ in ABLATIONS if all(n in by_seed[s] for s in seeds)]
+
+    def delta(seed, z, k):
+        return z[f"acc-{k}"] - runs[seed]["zero_shot"]["world CLIP"][f"acc-{k}"]
+
+    md = ["", f"Ablations over seeds {', '.join(map(str, seeds))}: zero-shot GT-box accuracy minus the world CLIP "
+          "of the same seed (mean ± standard deviation):", "",
+          "| setting | novel | all | per seed (all) |", "|---|---|---|---|"]
+    rows = [("default (RPN regions, all three losses)", {s: runs[s]["zero_shot"]["RegionCLIP student"] for s in seeds})]
+    rows += [(n, {s: by_seed[s][n]["zero_shot"] for s in seeds}) for n in names]
+    for label, zs in rows:
+        cells = [fmt(mean_std([delta(s, zs[s], k) for s in seeds])) for k in ("novel", "all")]
+        per = ", ".join(f"{delta(s, zs[s], 'all'):+.1f}" for s in seeds)
+        md.append(f"| {label} | {cells[0]} | {cells[1]} | {per} |")
     return md
 
 
