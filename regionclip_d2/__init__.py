@@ -36,6 +36,7 @@ def get_regionclip_cfg(config_file: str = None, opts=None):
     return cfg
 
 
+from .api import Detections, Detector, Exemplar  # noqa: E402
 from .checkpoint import RegionCLIPCheckpointer  # noqa: E402
 from .data.vocabularies import load_vocabulary  # noqa: E402
 from .modeling import backbone as _backbone  # noqa: E402,F401  (registration)
@@ -44,6 +45,7 @@ from .modeling import roi_heads as _roi_heads  # noqa: E402,F401  (registration)
 from .modeling.meta_arch import CLIPFastRCNN  # noqa: E402
 from .modeling.text import embed_class_names  # noqa: E402
 
-__all__ = ["add_regionclip_config", "get_regionclip_cfg", "resolve_config_path", "CLIPFastRCNN",
+__all__ = ["Detector", "Detections", "Exemplar", "add_regionclip_config", "get_regionclip_cfg", "resolve_config_path",
+           "CLIPFastRCNN",
            "RegionCLIPCheckpointer", "embed_class_names", "load_vocabulary", "CLIP_PIXEL_MEAN",
            "CLIP_PIXEL_STD"]

@@ -16,6 +16,9 @@ Example:
   python tools/demo.py --config-file configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml \\
       --input photos/ --output out/ --vocabulary custom --custom-vocabulary "cat,remote,couch" \\
       --opts MODEL.WEIGHTS regionclip_rn50.pth MODEL.CLIP.BB_RPN_WEIGHTS rpn_coco_48.pth
+
+Per-class thresholds: --class-thresholds thresholds.json with {"cat": 0.5, "remote": 0.2}; classes
+the file does not name keep --confidence-threshold.
 """
 import argparse
 import glob
@@ -37,7 +40,12 @@ def parse_args(argv=None):
                     help="coco | lvis | coco_ovd_all | coco_ovd_base | coco_ovd_novel | custom (default: %(default)s)")
     ap.add_argument("--custom-vocabulary", default="", help='comma-separated class names for --vocabulary custom, '
                     'e.g. "cat,remote,couch", or a .txt/.json file of names')
-    ap.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score drawn and saved")
+    ap.add_argument("--confidence-threshold", type=float, default=0.3, help="minimum score drawn and saved "
+                    "(with --class-thresholds: for the classes the file does not name)")
+    ap.add_argument("--class-thresholds", default="", metavar="FILE.json",
+                    help='per-class minimum scores, a JSON object {"class name": score, ...} (e.g. written from '
+                    "regionclip_d2.evaluation.thresholds.calibrate_thresholds); other classes use "
+                    "--confidence-threshold")
     ap.add_argument("--random-weights", action="store_true",
                     help="run with randomly initialised weights (a smoke test; detections are meaningless)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
@@ -123,9 +131,14 @@ def main(argv=None):
     else:
         vocabulary = args.vocabulary
     from regionclip_d2.data.vocabularies import VocabularyError, load_vocabulary
+    from regionclip_d2.evaluation.thresholds import class_thresholds, load_class_thresholds
 
     try:
         names = load_vocabulary(vocabulary)
+        per_class = load_class_thresholds(args.class_thresholds) if args.class_thresholds \
+            else args.confidence_threshold
+        thresholds = torch.as_tensor(class_thresholds(per_class, names, default=args.confidence_threshold),
+                                     dtype=torch.float32)
     except (VocabularyError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"demo: {e}") from None
     cfg = get_regionclip_cfg(args.config_file, args.opts)
@@ -164,7 +177,7 @@ def main(argv=None):
             failed.append(path)
             continue
         inst = predictor(image)["instances"].to("cpu")
-        inst = inst[inst.scores >= args.confidence_threshold]
+        inst = inst[inst.scores >= thresholds[inst.pred_classes]]
         scale = max(1.0, 512.0 / max(image.shape[:2]))  # small images are drawn larger, so labels stay legible
         vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]

@@ -1,0 +1,611 @@
+"""A one-call Python API for open-vocabulary detection.
+
+::
+
+    from regionclip_d2 import Detector, Exemplar
+
+    det = Detector.from_config("configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml",
+                               weights="regionclip_rn50.pth", rpn_weights="rpn_lvis_866.pth")
+    result = det("photo.jpg", classes=["cat", "remote control"], threshold=0.3)
+    result.boxes, result.scores, result.labels   # [N, 4] XYXY pixels of photo.jpg, [N], N names
+
+:class:`Detector` builds the model exactly as detectron2's ``DefaultPredictor`` does (which keeps
+working: ``get_regionclip_cfg`` -> ``build_model`` -> a checkpointer loading ``MODEL.WEIGHTS``),
+with the project's checkpointer (weights only unless ``MODEL.CLIP.TRUST_CHECKPOINTS``), and takes
+RGB images (paths, PIL images, ``H x W x 3`` uint8 arrays) where ``DefaultPredictor`` takes BGR
+arrays. A class is a name (embedded by the CLIP text encoder, cached in memory per name) or an
+:class:`Exemplar`: boxes on example images, embedded by the detector's own region encoder.
+"""
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from detectron2.structures import Boxes, Instances
+
+from .data.vocabularies import check_vocabulary, load_vocabulary
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Detector", "Detections", "Exemplar", "DetectorInputError"]
+
+ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+
+
+class DetectorInputError(ValueError):
+    """An image, box, class or option given to :class:`Detector` that it cannot use (the
+    message says which and how to fix it)."""
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _is_image(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, (str, os.PathLike, np.ndarray, Image.Image))
+
+
+def load_rgb(image: ImageLike, where: str = "image") -> np.ndarray:
+    """An image as an ``H x W x 3`` uint8 RGB array (a copy is not made for arrays).
+
+    ``image``: a file path (read with detectron2's ``read_image``, EXIF orientation applied),
+    a PIL image (converted to RGB; its EXIF orientation is not applied) or an ``H x W x 3``
+    uint8 numpy array in RGB order. Anything else is a :class:`DetectorInputError` naming the fix.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise DetectorInputError(f"{where}: image file {path!r} does not exist (check the path)")
+        from detectron2.data.detection_utils import read_image
+
+        try:
+            return read_image(path, format="RGB")
+        except Exception as e:  # PIL raises many types for damaged or non-image files
+            raise DetectorInputError(f"{where}: {path!r} is not a readable image ({type(e).__name__}: {e}); "
+                                     "give a complete JPEG/PNG/BMP/WebP/TIFF file") from None
+    if isinstance(image, Image.Image):
+        try:
+            return np.asarray(image.convert("RGB"))
+        except Exception as e:
+            raise DetectorInputError(f"{where}: cannot convert the PIL image (mode {image.mode}) to RGB "
+                                     f"({type(e).__name__}: {e})") from None
+    if torch.is_tensor(image):
+        raise DetectorInputError(f"{where}: got a torch tensor {tuple(image.shape)}; give an H x W x 3 uint8 RGB "
+                                 "numpy array (e.g. tensor.permute(1, 2, 0).cpu().numpy() for a [3, H, W] "
+                                 "uint8 tensor), a PIL image or a path")
+    if not isinstance(image, np.ndarray):
+        raise DetectorInputError(f"{where}: got {type(image).__name__}; give a path, a PIL image or an H x W x 3 "
+                                 "uint8 RGB numpy array")
+    a = image
+    if a.ndim == 2:
+        raise DetectorInputError(f"{where}: the array is {a.shape} (grayscale); give H x W x 3 RGB, e.g. "
+                                 "np.repeat(a[:, :, None], 3, axis=2)")
+    if a.ndim != 3 or a.shape[2] not in (3,):
+        hint = " (RGBA: drop alpha with a[:, :, :3])" if a.ndim == 3 and a.shape[2] == 4 else \
+            " (channels first? use a.transpose(1, 2, 0))" if a.ndim == 3 and a.shape[0] == 3 else ""
+        raise DetectorInputError(f"{where}: the array has shape {a.shape}; give one H x W x 3 RGB image{hint}"
+                                 + ("; for several images pass a list of arrays" if a.ndim == 4 else ""))
+    if a.dtype != np.uint8:
+        raise DetectorInputError(f"{where}: the array has dtype {a.dtype}; give uint8 values 0..255 (for floats in "
+                                 "[0, 1]: (a * 255).round().clip(0, 255).astype(np.uint8))")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise DetectorInputError(f"{where}: the image is empty (shape {a.shape})")
+    return a
+
+
+def _check_readable(image, where: str):
+    """Cheap checks before any model work: a path must exist and its header decode."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise DetectorInputError(f"{where}: image file {path!r} does not exist (check the path)")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:
+            raise DetectorInputError(f"{where}: {path!r} is not a readable image ({type(e).__name__}: {e}); "
+                                     "give a complete JPEG/PNG/BMP/WebP/TIFF file") from None
+    else:
+        load_rgb(image, where)
+
+
+def _boxes_array(boxes, where: str) -> np.ndarray:
+    """``[R, 4]`` float32 XYXY from a list of boxes, an array or a tensor (one box ``[4]`` allowed)."""
+    try:
+        b = np.asarray(boxes.cpu() if torch.is_tensor(boxes) else boxes, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DetectorInputError(f"{where}: boxes must be numbers [[x0, y0, x1, y1], ...] ({e})") from None
+    if b.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if b.ndim == 1 and b.shape[0] == 4:
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise DetectorInputError(f"{where}: boxes must be [[x0, y0, x1, y1], ...] (shape [R, 4]), got shape "
+                                 f"{b.shape}")
+    if not np.isfinite(b).all():
+        raise DetectorInputError(f"{where}: boxes contain NaN or infinite values")
+    return b
+
+
+def _check_boxes_in_image(b: np.ndarray, h: int, w: int, where: str) -> np.ndarray:
+    """Boxes clipped to the image; an error for boxes with no area inside it."""
+    bad = np.where((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))[0]
+    if len(bad):
+        raise DetectorInputError(f"{where}: box {b[bad[0]].tolist()} has x1 <= x0 or y1 <= y0; boxes are "
+                                 "[x0, y0, x1, y1] in pixels (XYXY, not XYWH)")
+    c = b.copy()
+    c[:, [0, 2]] = c[:, [0, 2]].clip(0, w)
+    c[:, [1, 3]] = c[:, [1, 3]].clip(0, h)
+    out = np.where((c[:, 2] <= c[:, 0]) | (c[:, 3] <= c[:, 1]))[0]
+    if len(out):
+        raise DetectorInputError(f"{where}: box {b[out[0]].tolist()} lies outside the {w} x {h} (W x H) image")
+    return c
+
+
+# ------------------------------------------------------------------------------------ classes
+@dataclass(frozen=True, eq=False)
+class Exemplar:
+    """A class given by example boxes instead of a name (image-guided detection).
+
+    Its embedding is the mean of the L2-normalised region embeddings of the boxes, computed by
+    the detector's own region encoder (``CLIPFastRCNN.encode_boxes``, the same features the
+    detector scores), normalised again. It takes the place of a text embedding in the vocabulary.
+
+    Args:
+        name: the label detections of this class get (distinct from the other classes' names).
+        image: one example image (a path, a PIL image or an ``H x W x 3`` uint8 RGB array), or a
+            list of them.
+        boxes: for one image, ``[[x0, y0, x1, y1], ...]`` (``[R, 4]``, XYXY, in that image's pixels
+            as loaded: a path's EXIF orientation applied); for a list of images, a list with one
+            such ``[R_i, 4]`` per image.
+    """
+
+    name: str
+    image: Union[ImageLike, Sequence[ImageLike]]
+    boxes: Sequence
+
+    def pairs(self) -> List[Tuple[ImageLike, np.ndarray]]:
+        """``[(image, [R_i, 4] boxes), ...]``, checked."""
+        where = f"Exemplar {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DetectorInputError(f"Exemplar: name must be a non-empty string, got {self.name!r}")
+        if _is_image(self.image):
+            images, boxes = [self.image], [self.boxes]
+        elif isinstance(self.image, (list, tuple)) and self.image and all(_is_image(x) for x in self.image):
+            images, boxes = list(self.image), self.boxes
+            if not isinstance(boxes, (list, tuple)) or len(boxes) != len(images):
+                raise DetectorInputError(f"{where}: with {len(images)} images give boxes as a list of "
+                                         f"{len(images)} box lists (one [[x0, y0, x1, y1], ...] per image)")
+        else:
+            raise DetectorInputError(f"{where}: image must be a path, a PIL image, an H x W x 3 uint8 RGB array or a "
+                                     f"non-empty list of them, got {type(self.image).__name__}")
+        out = [(im, _boxes_array(b, f"{where}, image {i}")) for i, (im, b) in enumerate(zip(images, boxes))]
+        if sum(len(b) for _, b in out) == 0:
+            raise DetectorInputError(f"{where}: no boxes; give at least one [x0, y0, x1, y1] box on its image")
+        return out
+
+
+ClassSpec = Union[str, Exemplar]
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class Detections:
+    """The detections in one image, best first.
+
+    Attributes:
+        boxes: ``[N, 4]`` float32, XYXY, in pixels of the original image (as given, before the
+            detector's resizing).
+        scores: ``[N]`` float32 detection scores in [0, 1].
+        labels: ``N`` class names (for an :class:`Exemplar` class, its name).
+        label_ids: ``[N]`` int64 indices into ``class_names``.
+        class_names: the vocabulary of the call, in label-id order.
+        image_size: ``(height, width)`` of the original image in pixels.
+        instances: the detectron2 ``Instances`` (CPU, same detections, same order) when asked
+            for with ``return_instances=True``, else None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: List[str]
+    label_ids: np.ndarray
+    class_names: List[str]
+    image_size: Tuple[int, int]
+    instances: Optional[Instances] = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (as ``tools/demo.py`` writes)."""
+        return {"height": self.image_size[0], "width": self.image_size[1],
+                "detections": [{"box_xyxy": [float(v) for v in b], "score": float(s), "class_id": int(c),
+                                "class_name": n}
+                               for b, s, c, n in zip(self.boxes, self.scores, self.label_ids, self.labels)]}
+
+
+def _module_signature(module: torch.nn.Module) -> tuple:
+    """Cheap identity of a module's current tensors: storage and in-place version of each. Changes
+    when weights are loaded (``copy_``), edited in place, replaced or moved."""
+    return tuple((k, t.data_ptr(), t._version) for k, t in module.state_dict(keep_vars=True).items())
+
+
+# ------------------------------------------------------------------------------------ detector
+class Detector:
+    """Open-vocabulary detection in one call: ``Detector.from_config(...)(images, classes)``.
+
+    A detector holds a ``CLIPFastRCNN`` (``self.model``, in eval mode) and its config. Each call
+    sets the call's vocabulary on the model (``model.set_vocabulary(tensor, names)``), so calls
+    with different classes may follow each other freely; concurrent calls from several threads
+    are serialised (they share the model's vocabulary).
+
+    Class embeddings are cached in memory: a name by (name, prompt templates, text-encoder
+    weights fingerprint), so a call embeds only names it has not seen with the current text
+    encoder; an :class:`Exemplar` by (image content, boxes, the recognition branch's tensors).
+    """
+
+    def __init__(self, model, cfg, default_classes: Optional[Sequence[ClassSpec]] = None):
+        """Wrap a built (and loaded) ``CLIPFastRCNN`` and its config (``cfg.INPUT.MIN_SIZE_TEST``,
+        ``MAX_SIZE_TEST`` and ``FORMAT`` are used). ``default_classes``: the vocabulary of calls
+        with ``classes=None`` (default: the model's test vocabulary, else its training one)."""
+        if not hasattr(model, "set_vocabulary") or not hasattr(model, "encode_boxes"):
+            raise DetectorInputError(f"Detector needs a CLIPFastRCNN (MODEL.META_ARCHITECTURE), got "
+                                     f"{type(model).__name__}")
+        self.model = model.eval()
+        self.cfg = cfg.clone()
+        self.cfg.freeze()
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise DetectorInputError(f"INPUT.FORMAT={self.input_format!r}: Detector supports RGB and BGR models")
+        self.min_size_test = int(cfg.INPUT.MIN_SIZE_TEST)
+        self.max_size_test = int(cfg.INPUT.MAX_SIZE_TEST)
+        self._default = list(default_classes) if default_classes is not None else self._model_vocabulary()
+        self._text_cache: Dict[tuple, torch.Tensor] = {}
+        self._text_state: Tuple[tuple, str] = ((), "")
+        self._exemplar_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.exemplar_cache_size = 256
+        self._lock = threading.RLock()
+
+    def _model_vocabulary(self):
+        """The model's own active (eval) vocabulary: names, or ``(embeddings, names)`` for a tensor."""
+        pred = self.model.roi_heads.box_predictor
+        for vocab in (pred.test_vocabulary, pred.train_vocabulary):
+            if len(vocab) == 0:
+                continue
+            if vocab.from_names:
+                return list(vocab.names)
+            return (vocab.embeddings.detach().cpu().clone(), list(vocab.names) if vocab.names else None)
+        return None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config, weights: Optional[str] = None, device: str = "auto", opts: Sequence = (), *,
+                    clip_weights: Optional[str] = None, rpn_weights: Optional[str] = None,
+                    trust_checkpoints: bool = False, allow_random_weights: bool = False) -> "Detector":
+        """Build a detector the way ``DefaultPredictor`` does, with the project's safe checkpointer.
+
+        Args:
+            config: a config file (a path, or one shipped with the package, e.g.
+                ``configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml``) or a
+                detectron2 ``CfgNode`` (cloned, not changed).
+            weights: the detector / RegionCLIP checkpoint (``MODEL.WEIGHTS``).
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+            opts: config overrides ``[KEY, VALUE, ...]`` as for ``get_regionclip_cfg``.
+            clip_weights: CLIP weights for the backbone and text encoder (``MODEL.CLIP.CLIP_WEIGHTS``).
+            rpn_weights: the RPN branch (``MODEL.CLIP.BB_RPN_WEIGHTS``).
+            trust_checkpoints: load files that need unpickling Python objects (``.pkl``, old
+                checkpoints); they can run code, so only for files you trust
+                (``MODEL.CLIP.TRUST_CHECKPOINTS``). Otherwise files are loaded weights-only.
+            allow_random_weights: run with randomly initialised weights (a smoke test; the
+                detections are meaningless). Without it, a config that names no weights is an error.
+        The config's vocabulary (``VOCABULARY`` / ``OPENSET_TEST_VOCABULARY`` names, or an
+        embedding file) is what calls with ``classes=None`` use.
+        """
+        from detectron2.config import CfgNode
+        from detectron2.modeling import build_model
+
+        from . import get_regionclip_cfg
+        from .checkpoint import RegionCLIPCheckpointer
+
+        if isinstance(config, CfgNode):
+            cfg = config.clone()
+            cfg.defrost()
+            if opts:
+                cfg.merge_from_list(list(opts))
+        else:
+            cfg = get_regionclip_cfg(os.fspath(config), list(opts))
+        cfg.defrost()
+        c = cfg.MODEL.CLIP
+        if weights is not None:
+            cfg.MODEL.WEIGHTS = os.fspath(weights)
+        if clip_weights is not None:
+            c.CLIP_WEIGHTS = os.fspath(clip_weights)
+        if rpn_weights is not None:
+            c.BB_RPN_WEIGHTS = os.fspath(rpn_weights)
+        if trust_checkpoints:
+            c.TRUST_CHECKPOINTS = True
+        cfg.MODEL.DEVICE = _resolve_device(device)
+        random = not cfg.MODEL.WEIGHTS and not c.CLIP_WEIGHTS
+        rpn_random = c.CROP_REGION_TYPE == "RPN" and not c.BB_RPN_WEIGHTS and not cfg.MODEL.WEIGHTS
+        if (random or rpn_random) and not allow_random_weights:
+            raise DetectorInputError(
+                "no weights given: pass weights='detector_or_regionclip.pth' (MODEL.WEIGHTS)"
+                + (" or clip_weights='RN50.pt'" if random else "")
+                + (", and rpn_weights='rpn.pth' for the RPN branch" if rpn_random else "")
+                + "; or allow_random_weights=True for a smoke test with random weights (meaningless detections)")
+        if random or rpn_random:
+            logger.warning("Detector: the %s weights are RANDOM: boxes and labels are meaningless",
+                           "recognition" if random and not rpn_random else
+                           ("RPN branch" if not random else "recognition and RPN branch"))
+        # The configured vocabulary of names is embedded by the Detector's per-name cache, not by the
+        # model on its first call (the model would embed it even when a call gives other classes).
+        # (Names set together with an embedding file are left for build_model to reject.)
+        default, decided = None, False
+        for names_key, path_key in (("OPENSET_TEST_VOCABULARY", "OPENSET_TEST_TEXT_EMB_PATH"),
+                                    ("VOCABULARY", "TEXT_EMB_PATH")):
+            if c[path_key]:
+                decided = True  # an embedding file: the model's tensor vocabulary is the default
+            elif c[names_key]:
+                if not decided:
+                    default, decided = load_vocabulary(c[names_key]), True
+                c[names_key] = ""
+        cfg.freeze()
+        model = build_model(cfg)  # loads CLIP_WEIGHTS / BB_RPN_WEIGHTS and checks MODEL.WEIGHTS
+        model.eval()
+        if cfg.MODEL.WEIGHTS:
+            RegionCLIPCheckpointer(model, trusted=c.TRUST_CHECKPOINTS).load(cfg.MODEL.WEIGHTS)
+        return cls(model, cfg, default_classes=default)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def default_classes(self) -> Optional[List[str]]:
+        """The names of the vocabulary used with ``classes=None`` (None if there is none, or a
+        configured embedding file without names)."""
+        d = self._default
+        if d is None:
+            return None
+        if isinstance(d, tuple):
+            return d[1]
+        return [c.name if isinstance(c, Exemplar) else c for c in d]
+
+    # ------------------------------------------------------------------ embeddings
+    def _text_key(self) -> Tuple[str, str]:
+        enc = self.model.lang_encoder
+        sig = _module_signature(enc)
+        if sig != self._text_state[0]:
+            from .modeling.text import weights_fingerprint
+
+            fp = weights_fingerprint(enc)
+            if fp != self._text_state[1]:  # other weights: the cached embeddings are of no use any more
+                self._text_cache.clear()
+            self._text_state = (sig, fp)
+        return self._text_state[1], str(self.model.prompt_templates)
+
+    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        """``[C, D]`` unit-norm float32 text embeddings (CPU) of class names, with the model's prompt
+        templates and text encoder; names not in the in-memory cache are embedded in one batch."""
+        names = check_vocabulary(names, "classes")
+        if self.model.lang_encoder is None:
+            raise DetectorInputError("this model has no text encoder: give classes as Exemplar(...) only")
+        key = self._text_key()
+        new = [n for n in names if key + (n,) not in self._text_cache]
+        if new:
+            emb, _ = self.model.embed_vocabulary(new)
+            for n, e in zip(new, emb.detach().float().cpu()):
+                self._text_cache[key + (n,)] = e
+        return torch.stack([self._text_cache[key + (n,)] for n in names])
+
+    def exemplar_embedding(self, exemplar: Exemplar) -> torch.Tensor:
+        """``[D]`` unit-norm float32 embedding (CPU) of an :class:`Exemplar`: the mean of the
+        L2-normalised region embeddings (``model.encode_boxes``) of its boxes, each image prepared
+        as the detector prepares its inputs (resized to the test size, boxes scaled with it),
+        normalised again."""
+        pairs = exemplar.pairs()
+        arrays = [load_rgb(im, f"Exemplar {exemplar.name!r}, image {i}") for i, (im, _) in enumerate(pairs)]
+        boxes = [_check_boxes_in_image(b, a.shape[0], a.shape[1], f"Exemplar {exemplar.name!r}, image {i}")
+                 for i, (a, (_, b)) in enumerate(zip(arrays, pairs))]
+        key = (_module_signature(self.model.backbone), _module_signature(self.model.roi_heads),
+               tuple((a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest(), b.tobytes())
+                     for a, b in zip(arrays, boxes)))
+        if key in self._exemplar_cache:
+            self._exemplar_cache.move_to_end(key)
+            return self._exemplar_cache[key]
+        regions = []
+        for a, b in zip(arrays, boxes):
+            inp, tfm = self._model_input(a)
+            scaled = torch.as_tensor(tfm.apply_box(b), dtype=torch.float32).reshape(-1, 4)
+            regions.append(self.model.encode_boxes([inp], [scaled])[0].float().cpu())
+        emb = torch.nn.functional.normalize(torch.cat(regions).mean(dim=0), dim=0)
+        self._exemplar_cache[key] = emb
+        while len(self._exemplar_cache) > self.exemplar_cache_size:
+            self._exemplar_cache.popitem(last=False)
+        return emb
+
+    def vocabulary(self, classes=None) -> Tuple[torch.Tensor, Optional[List[str]]]:
+        """``([C, D] embeddings, C names)`` of a call's ``classes`` (see :meth:`__call__`)."""
+        if classes is None:
+            if self._default is None:
+                raise DetectorInputError("no vocabulary: pass classes=['cat', 'dog', ...] (names or Exemplar(...)), "
+                                         "or set MODEL.CLIP.VOCABULARY in the config")
+            if isinstance(self._default, tuple):
+                return self._default
+            classes = self._default
+        if isinstance(classes, str):
+            classes = load_vocabulary(classes)
+        elif isinstance(classes, Exemplar):
+            classes = [classes]
+        try:
+            classes = list(classes)
+        except TypeError:
+            raise DetectorInputError(f"classes must be a list of names and Exemplar(...), got "
+                                     f"{type(classes).__name__}") from None
+        if not classes:
+            raise DetectorInputError("classes is empty: give at least one class name or Exemplar(...), or "
+                                     "classes=None for the configured vocabulary")
+        bad = [c for c in classes if not isinstance(c, (str, Exemplar))]
+        if bad:
+            raise DetectorInputError(f"classes: each class is a name (str) or an Exemplar(...), got "
+                                     f"{type(bad[0]).__name__} ({str(bad[0])[:50]!r})")
+        names = check_vocabulary([c.name if isinstance(c, Exemplar) else c for c in classes], "classes")
+        text_idx = [i for i, c in enumerate(classes) if isinstance(c, str)]
+        rows: List[Optional[torch.Tensor]] = [None] * len(classes)
+        if text_idx:
+            for i, e in zip(text_idx, self.text_embeddings([names[i] for i in text_idx])):
+                rows[i] = e
+        for i, c in enumerate(classes):
+            if isinstance(c, Exemplar):
+                rows[i] = self.exemplar_embedding(c)
+        return torch.stack(rows), names
+
+    # ------------------------------------------------------------------ inputs
+    def _transform(self, h: int, w: int):
+        """``DefaultPredictor``'s ``ResizeShortestEdge([MIN_SIZE_TEST], MAX_SIZE_TEST)`` for an
+        ``h x w`` image (without drawing from numpy's global random state)."""
+        from detectron2.data import transforms as T
+
+        if self.min_size_test == 0:
+            return T.NoOpTransform()
+        newh, neww = T.ResizeShortestEdge.get_output_shape(h, w, self.min_size_test, self.max_size_test)
+        return T.ResizeTransform(h, w, newh, neww)
+
+    def _model_input(self, rgb: np.ndarray, boxes: Optional[np.ndarray] = None):
+        """(the model's input dict, the resize transform) for an RGB image and optional regions
+        (``[R, 4]`` XYXY original pixels, for GT / PROPOSALS region types)."""
+        h, w = rgb.shape[:2]
+        tfm = self._transform(h, w)
+        image = tfm.apply_image(rgb)
+        if self.input_format == "BGR":
+            image = image[:, :, ::-1]
+        inp = {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), "height": h, "width": w}
+        if boxes is not None:
+            size = image.shape[:2]
+            b = Boxes(torch.as_tensor(tfm.apply_box(boxes), dtype=torch.float32).reshape(-1, 4))
+            if self.model.region_type == "GT":
+                inp["instances"] = Instances(size, gt_boxes=b, gt_classes=torch.zeros(len(b), dtype=torch.long))
+            else:
+                inp["proposals"] = Instances(size, proposal_boxes=b)
+        return inp, tfm
+
+    # ------------------------------------------------------------------ detection
+    def __call__(self, images, classes=None, threshold: Union[float, Mapping[str, float]] = 0.3,
+                 batch_size: int = 4, return_instances: bool = False, *, boxes=None,
+                 default_threshold: float = 0.3):
+        """Detect ``classes`` in ``images``.
+
+        Args:
+            images: one image or a list of them; an image is a file path, a PIL image, or an
+                ``H x W x 3`` uint8 numpy array in **RGB** order (``cv2.imread`` gives BGR: pass
+                ``img[:, :, ::-1]``). Each is resized like ``DefaultPredictor`` does
+                (shortest edge ``INPUT.MIN_SIZE_TEST``, longest at most ``INPUT.MAX_SIZE_TEST``).
+            classes: the vocabulary: a list whose items are class names or :class:`Exemplar`
+                (mixed freely; the label ids follow the list's order), a builtin vocabulary name
+                (``"coco"``, ``"lvis"``...), a names file or ``"a,b,c"``; None for the configured
+                vocabulary. Names must be distinct.
+            threshold: minimum score kept, in [0, 1]: one number, or ``{class name: score}``
+                (classes missing from it use ``default_threshold``; see
+                :func:`regionclip_d2.evaluation.thresholds.calibrate_thresholds`). Detections below
+                the config's ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` are never produced.
+            batch_size: images per forward pass of the model.
+            return_instances: also return each image's detectron2 ``Instances``.
+            boxes: only for configs whose regions are given (``MODEL.CLIP.CROP_REGION_TYPE`` GT or
+                PROPOSALS, e.g. ``..._zsinf_GT.yaml``): the regions to classify, ``[R, 4]`` XYXY in
+                original pixels, one per image (a list of them for a list of images).
+            default_threshold: the threshold of classes missing from a ``threshold`` mapping.
+        Returns:
+            a :class:`Detections` for one image, a list of them (in order) for a list.
+        Raises:
+            DetectorInputError (a ValueError) for unusable images, boxes, classes or options,
+            before any model work.
+        """
+        single = _is_image(images) or torch.is_tensor(images)
+        items = [images] if single else images
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            try:
+                items = list(items)
+            except TypeError:
+                raise DetectorInputError(f"images: give a path, a PIL image, an H x W x 3 uint8 RGB array or a list "
+                                         f"of them, got {type(images).__name__}") from None
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DetectorInputError(f"batch_size={batch_size!r}: give a whole number >= 1")
+        for i, x in enumerate(items):
+            if not _is_image(x) and not torch.is_tensor(x):
+                raise DetectorInputError(f"image {i}: give a path, a PIL image or an H x W x 3 uint8 RGB array, got "
+                                         f"{type(x).__name__}")
+            _check_readable(x, "image" if single else f"image {i}")
+        from .evaluation.thresholds import class_thresholds
+
+        region_boxes = self._region_boxes(boxes, len(items), single)
+        results = []
+        with self._lock:  # the caches and the model's vocabulary are shared by all calls
+            emb, names = self.vocabulary(classes)
+            label_names = names if names is not None else [str(i) for i in range(emb.shape[0])]
+            thresholds = class_thresholds(threshold, label_names, default_threshold)
+            self.model.set_vocabulary(emb, names)
+            for start in range(0, len(items), batch_size):
+                inputs = []
+                for i in range(start, min(start + batch_size, len(items))):
+                    rgb = load_rgb(items[i], "image" if single else f"image {i}")
+                    b = None
+                    if region_boxes is not None:
+                        b = _check_boxes_in_image(region_boxes[i], rgb.shape[0], rgb.shape[1], f"boxes of image {i}") \
+                            if len(region_boxes[i]) else region_boxes[i]
+                    inputs.append(self._model_input(rgb, b)[0])
+                with torch.no_grad():
+                    outputs = self.model(inputs)
+                for inp, out in zip(inputs, outputs):
+                    results.append(self._result(out["instances"], label_names, thresholds,
+                                                (inp["height"], inp["width"]), return_instances))
+        return results[0] if single else results
+
+    def _region_boxes(self, boxes, n: int, single: bool) -> Optional[List[np.ndarray]]:
+        given = self.model.region_type in ("GT", "PROPOSALS")
+        if boxes is None:
+            if given:
+                raise DetectorInputError(f"this config classifies given regions (MODEL.CLIP.CROP_REGION_TYPE="
+                                         f"{self.model.region_type}): pass boxes=[[x0, y0, x1, y1], ...] per image, "
+                                         "or use a config with RPN regions (e.g. ..._zsinf.yaml)")
+            return None
+        if not given:
+            raise DetectorInputError("boxes= is for configs whose MODEL.CLIP.CROP_REGION_TYPE is GT or PROPOSALS "
+                                     "(e.g. ..._zsinf_GT.yaml); this detector finds its own regions (RPN)")
+        per_image = [boxes] if single else list(boxes)
+        if len(per_image) != n:
+            raise DetectorInputError(f"boxes: {len(per_image)} box lists for {n} images: give one [R, 4] per image")
+        return [_boxes_array(b, f"boxes of image {i}") if len(b) else np.zeros((0, 4), np.float32)
+                for i, b in enumerate(per_image)]
+
+    @staticmethod
+    def _result(inst: Instances, names: List[str], thresholds: np.ndarray, size: Tuple[int, int],
+                return_instances: bool) -> Detections:
+        inst = inst.to("cpu")
+        classes = inst.pred_classes.long()
+        keep = inst.scores.float() >= torch.as_tensor(thresholds, dtype=torch.float32)[classes]
+        inst = inst[keep]
+        order = torch.argsort(inst.scores, descending=True, stable=True)
+        inst = inst[order]
+        ids = inst.pred_classes.long().numpy().astype(np.int64)
+        return Detections(boxes=inst.pred_boxes.tensor.float().numpy().astype(np.float32).reshape(-1, 4),
+                          scores=inst.scores.float().numpy().astype(np.float32),
+                          labels=[names[i] for i in ids], label_ids=ids, class_names=list(names),
+                          image_size=size, instances=inst if return_instances else None)
+
+
+def _resolve_device(device: str) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    d = str(device)
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise DetectorInputError(f"device={d!r} but CUDA is not available here: use device='cpu' or 'auto'")
+    return d
