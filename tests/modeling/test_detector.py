@@ -25,7 +25,7 @@ C4_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
 
 
 @pytest.mark.parametrize("config", DETECTOR_CONFIGS)
-def test_every_config_builds_and_runs(config, tiny_clip_config):
+def test_every_config_builds_and_runs(config, tiny_clip_config, tiny_vit_config):
     cfg = get_regionclip_cfg(config)
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":  # the RPN branch's own configs
 
@@ -47,6 +47,14 @@ def test_every_config_builds_and_runs(config, tiny_clip_config):
         with EventStorage(0):
             losses = model(batch())
         assert all(torch.isfinite(v) for v in losses.values())
+        return
+    if cfg.MODEL.META_ARCHITECTURE == "CLIPSelf":  # the real ViT's recipe on the tiny ViT
+        from test_clipself import clipself_cfg
+
+        torch.manual_seed(0)
+        model = build_model(clipself_cfg(tiny_vit_config, base=config)).train()
+        losses = model([image_input(96, 128), image_input(40, 50, seed=1)])
+        assert set(losses) == {"loss_clipself"} and torch.isfinite(losses["loss_clipself"])
         return
     if cfg.MODEL.META_ARCHITECTURE != "CLIPFastRCNN":
         pytest.fail(f"{config}: unexpected meta-architecture {cfg.MODEL.META_ARCHITECTURE}")
