@@ -172,3 +172,32 @@ def test_bad_config_and_small_images(tiny_vit_config, tiny_clip_config):
     model = build(tiny_vit_config).train()
     with pytest.raises(ImageTooSmallError, match="input 1: an image of 6x40 pixels is smaller than one 8x8 patch"):
         model([image_input(32, 32), image_input(6, 40)])
+
+
+FVIT = "configs/clipself/FViT_ViT-B-16_ovd.yaml"
+
+
+def test_fvit_trains_on_the_frozen_clipself_vit(tiny_vit_config):
+    """The F-ViT-style detector takes a CLIPSelf checkpoint (student backbone.* onto
+    backbone.bottom_up.*), keeps the ViT frozen and trains the pyramid and the heads."""
+    from helpers import tiny_model
+
+    student = build(tiny_vit_config)
+    with torch.no_grad():
+        student.backbone.proj.add_(0.5)  # a student that moved away from the CLIP weights
+    det = tiny_model(FVIT, tiny_vit_config, extra=["MODEL.CLIP.TEXT_EMB_DIM", 24])
+    det.load_state_dict(student.state_dict(), strict=False)
+    assert torch.equal(det.backbone.bottom_up.proj, student.backbone.proj)
+    det.train()
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):
+        losses = det([image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90]]),
+                      image_input(64, 80, boxes=[[0, 0, 40, 40]], seed=1)])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is None for p in det.backbone.bottom_up.parameters())
+    # the boxes of these small images all pool from the finest RoI level, p3 (stride 8: the tiny ViT's map)
+    p3 = det.backbone.stages[det.backbone._out_features.index("p3")]
+    assert all(p.grad is not None for p in p3.parameters())
+    assert any(p.grad is not None for p in det.roi_heads.parameters())

@@ -58,7 +58,11 @@ def test_every_config_builds_and_runs(config, tiny_clip_config, tiny_vit_config)
         return
     if cfg.MODEL.META_ARCHITECTURE != "CLIPFastRCNN":
         pytest.fail(f"{config}: unexpected meta-architecture {cfg.MODEL.META_ARCHITECTURE}")
-    model = tiny_model(config, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    extra = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    if "vit" in cfg.MODEL.BACKBONE.NAME:  # a ViT detector (F-ViT style): the tiny ViT, its 24-d joint space
+        model = tiny_model(config, tiny_vit_config, extra=extra + ["MODEL.CLIP.TEXT_EMB_DIM", 24])
+    else:
+        model = tiny_model(config, tiny_clip_config, extra=extra)
     inputs = [image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90], [0, 0, 128, 96]]),
               image_input(80, 64, boxes=[], seed=1)]
     out = model(inputs)
