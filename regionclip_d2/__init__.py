@@ -1,8 +1,10 @@
 """regionclip_d2: RegionCLIP (region-based language-image pretraining) on stock detectron2.
 
 Importing the package registers its components in detectron2's registries:
-backbones ``build_clip_resnet_backbone`` / ``build_clip_resnet_fpn_backbone``, RoI heads
-``CLIPRes5ROIHeads`` / ``CLIPStandardROIHeads``, meta-architecture ``CLIPFastRCNN``.
+backbones ``build_clip_resnet_backbone`` / ``build_clip_resnet_fpn_backbone`` /
+``build_clip_vit_backbone`` / ``build_clip_vit_sfp_backbone``, RoI heads
+``CLIPRes5ROIHeads`` / ``CLIPStandardROIHeads``, meta-architectures ``CLIPFastRCNN``,
+``PretrainFastRCNN`` and ``CLIPSelf``.
 """
 import os
 

@@ -64,6 +64,16 @@ def add_regionclip_config(cfg):
     c.PRETRAIN_LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # region contrastive, region distillation, image-text
     c.PRETRAIN_CONTRASTIVE_FORM = "official"  # region contrastive loss: official (softmax over regions) | paper
     c.LEGACY_PADDED_IMAGE_BOX = False  # official: image-text box covers the padded batch tensor, padding included
+    # --- CLIPSelf: self-distillation of a CLIP ViT's dense features (docs/method.md, "CLIPSelf") ---
+    _C.MODEL.CLIPSELF = CN()
+    cs = _C.MODEL.CLIPSELF
+    cs.REGION_TYPE = "GRID"  # GRID (an m x n grid per image, m, n in 1..MAX_GRID) | PROPOSALS (given boxes)
+    cs.MAX_GRID = 6  # M: the grid's rows and columns are drawn uniformly from 1..M per image
+    cs.MAX_PROPOSALS = 36  # PROPOSALS: at most this many boxes per image, a random subset when more (0 = all)
+    cs.POOLER_RESOLUTION = 1  # student: RoIAlign of the dense map to k x k bins, then the mean of the bins
+    cs.POOLER_SAMPLING_RATIO = 0  # student RoIAlign samples per bin side (0 = adaptive, ceil(bin size))
+    cs.TEACHER_INPUT_SIZE = 0  # side of the crops the teacher sees (0 = the ViT's native image size)
+    cs.TEACHER_SAMPLING_RATIO = 0  # crop resizing (RoIAlign on the image) samples per pixel side (0 = adaptive)
     # --- optimiser ---
     _C.SOLVER.OPTIMIZER = "SGD"  # SGD (detectron2's, momentum SOLVER.MOMENTUM) | ADAMW (betas 0.9/0.999)
     # --- reliability of training runs ---

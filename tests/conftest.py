@@ -16,6 +16,15 @@ TINY_CLIP = {
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
 
+# A tiny CLIP ViT (open_clip VisionTransformer): 32 px input, 8 px patches (a native 4x4 grid),
+# width 32, 2 heads, 2 blocks, joint dimension 24.
+TINY_VIT = {
+    "embed_dim": 24,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1},
+}
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_cache(tmp_path, monkeypatch):
@@ -52,3 +61,10 @@ def tiny_clip(tiny_clip_config):
     model = build_full_clip("", tiny_clip_config)
     randomize_batchnorm_stats(model.visual)
     return model.eval()
+
+
+@pytest.fixture
+def tiny_vit_config(tmp_path):
+    path = tmp_path / "tiny_vit.json"
+    path.write_text(json.dumps(TINY_VIT))
+    return str(path)

@@ -251,6 +251,34 @@ class RegionCLIPCheckpointer(DetectionCheckpointer):
         return super()._load_model(checkpoint)
 
 
+_BACKBONE_NAMES = {"ViT": "build_clip_vit_backbone (or build_clip_vit_sfp_backbone)",
+                   "ResNet": "build_clip_resnet_backbone (or build_clip_resnet_fpn_backbone)"}
+
+
+def tower_kind(keys=None, module: nn.Module = None):
+    """``"ViT"``, ``"ResNet"`` or None: the kind of CLIP image tower a state dict's keys (relative
+    to the tower) or a backbone module describe."""
+    if module is not None:
+        module = getattr(module, "bottom_up", module)
+        keys = [k for k, _ in module.named_parameters()]
+    keys = list(keys or ())
+    if any(k == "class_embedding" or k.startswith("transformer.resblocks.") for k in keys):
+        return "ViT"
+    if any(k.startswith(("attnpool.", "layer1.")) for k in keys):
+        return "ResNet"
+    return None
+
+
+def check_tower_kind(part: Dict[str, torch.Tensor], backbone: nn.Module, path: str):
+    """Raise when an image tower's weights are for the other kind of CLIP (ViT vs ResNet)."""
+    have, want = tower_kind(part), tower_kind(module=backbone)
+    if have and want and have != want:
+        raise CheckpointFormatError(
+            f"{path!r} holds a CLIP {have} image tower but the backbone is a CLIP {want}: to use these weights "
+            f"set MODEL.BACKBONE.NAME {_BACKBONE_NAMES[have]} and MODEL.CLIP.OPENCLIP_MODEL to the file's "
+            f"{have} architecture; to keep the {want}, give {want} weights")
+
+
 def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Module = None,
                       trusted: bool = False):
     """Load an OpenAI / OpenCLIP file (or a regionclip checkpoint's backbone/lang_encoder)
@@ -269,6 +297,8 @@ def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Mo
             continue
         if not part:
             raise CheckpointFormatError(f"{path!r} has no {what} weights")
+        if module is backbone:
+            check_tower_kind(part, module, path)
         check_compatible(part, module, f"{path!r} ({what})", whole=True)
         module.load_state_dict(part, strict=False)
     return fmt

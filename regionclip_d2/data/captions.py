@@ -88,6 +88,11 @@ def register_caption_dataset(name: str, captions_path: str, image_root: str, fmt
     return name
 
 
+def is_caption_dataset(name: str) -> bool:
+    """Whether ``name`` was registered by :func:`register_caption_dataset`."""
+    return MetadataCatalog.get(name).get("captions_file") is not None
+
+
 class CaptionDatasetMapper:
     """Map a caption dataset dict to a model input.
 

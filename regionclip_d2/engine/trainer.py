@@ -199,13 +199,19 @@ class RegionCLIPTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """A :class:`ResumableTrainLoader`: image-caption pairs for PretrainFastRCNN,
-        detection data otherwise."""
-        if cfg.MODEL.META_ARCHITECTURE == "PretrainFastRCNN":  # image-caption pairs
-            from ..data.captions import build_caption_train_loader
+        detection data otherwise; CLIPSelf takes either (caption data sets when every
+        ``DATASETS.TRAIN`` is one, else detection data, images without annotations kept)."""
+        from ..data.captions import build_caption_train_loader, is_caption_dataset
 
+        if cfg.MODEL.META_ARCHITECTURE == "PretrainFastRCNN":  # image-caption pairs
             return build_caption_train_loader(cfg)
+        filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        if cfg.MODEL.META_ARCHITECTURE == "CLIPSelf":  # images only: captions / annotations are ignored
+            if cfg.DATASETS.TRAIN and all(is_caption_dataset(n) for n in cfg.DATASETS.TRAIN):
+                return build_caption_train_loader(cfg)
+            filter_empty = False  # unlabelled images are training images too
         dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            cfg.DATASETS.TRAIN, filter_empty=filter_empty,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
         return build_resumable_train_loader(cfg, dicts, build_train_mapper(cfg))
 

@@ -24,6 +24,24 @@ def resnet_model_names():
     return names
 
 
+def vit_model_names():
+    """open_clip model names whose image tower is a plain VisionTransformer (no timm tower,
+    no attentional pooler): the towers :class:`~regionclip_d2.modeling.backbone.clip_vit.CLIPViT`
+    takes."""
+    names = []
+    for name in open_clip.list_models():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+        if isinstance(vision.get("layers"), int) and not vision.get("timm_model_name") \
+                and not vision.get("attentional_pool"):
+            names.append(name)
+    return names
+
+
+def is_vit_config(cfg: Dict[str, Any]) -> bool:
+    """Whether an open_clip model config describes a ViT image tower (``layers`` an int)."""
+    return isinstance(cfg["vision_cfg"].get("layers"), int)
+
+
 def get_clip_model_config(model_name: str, config_file: str = "") -> Dict[str, Any]:
     """The open_clip architecture description: ``embed_dim``, ``vision_cfg``, ``text_cfg``,
     ``quick_gelu``. From ``config_file`` (an open_clip model-config JSON) if given,
@@ -52,8 +70,22 @@ def get_clip_model_config(model_name: str, config_file: str = "") -> Dict[str, A
 def _check_resnet(cfg, what):
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise UnknownCLIPModelError(
-            f"{what} has a ViT image tower; regionclip_d2's detector needs a CLIP ResNet "
-            f"(one of {', '.join(resnet_model_names())})")
+            f"{what} has a ViT image tower but the CLIP ResNet backbone was asked for: set MODEL.CLIP.OPENCLIP_MODEL "
+            f"to a CLIP ResNet (one of {', '.join(resnet_model_names())}), or build the ViT with "
+            "MODEL.BACKBONE.NAME build_clip_vit_backbone (or build_clip_vit_sfp_backbone)")
+
+
+def _check_vit(cfg, what):
+    vision = cfg["vision_cfg"]
+    if not is_vit_config(cfg):
+        raise UnknownCLIPModelError(
+            f"{what} has a ResNet image tower but the CLIP ViT backbone was asked for: set MODEL.CLIP.OPENCLIP_MODEL "
+            "to a CLIP ViT (e.g. ViT-B-16, ViT-L-14), or build the ResNet with MODEL.BACKBONE.NAME "
+            "build_clip_resnet_backbone (or build_clip_resnet_fpn_backbone)")
+    if vision.get("timm_model_name") or vision.get("attentional_pool"):
+        raise UnknownCLIPModelError(
+            f"{what} has a timm or attention-pooled image tower, which the CLIP ViT backbone does not take: "
+            f"use an open_clip VisionTransformer model (e.g. {', '.join(vit_model_names()[:6])}, ...)")
 
 
 def build_visual_tower(model_name: str, config_file: str = ""):
@@ -61,6 +93,18 @@ def build_visual_tower(model_name: str, config_file: str = ""):
     cfg = get_clip_model_config(model_name, config_file)
     _check_resnet(cfg, model_name or config_file)
     # private open_clip API (no public builder of one tower); its only use besides the text tower's
+    from open_clip.model import _build_vision_tower
+
+    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg["quick_gelu"])
+    return visual, cfg
+
+
+def build_vit_tower(model_name: str, config_file: str = "", model_config: Dict[str, Any] = None):
+    """open_clip ``VisionTransformer`` (randomly initialised) and its model config, from a model
+    name, a model-config file or a model-config dict (``model_config``, which wins)."""
+    cfg = dict(model_config) if model_config is not None else get_clip_model_config(model_name, config_file)
+    cfg.setdefault("quick_gelu", False)
+    _check_vit(cfg, model_name or config_file or "the given model config")
     from open_clip.model import _build_vision_tower
 
     visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg["quick_gelu"])

@@ -25,7 +25,7 @@ C4_RPN = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml"
 
 
 @pytest.mark.parametrize("config", DETECTOR_CONFIGS)
-def test_every_config_builds_and_runs(config, tiny_clip_config):
+def test_every_config_builds_and_runs(config, tiny_clip_config, tiny_vit_config):
     cfg = get_regionclip_cfg(config)
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":  # the RPN branch's own configs
 
@@ -48,9 +48,21 @@ def test_every_config_builds_and_runs(config, tiny_clip_config):
             losses = model(batch())
         assert all(torch.isfinite(v) for v in losses.values())
         return
+    if cfg.MODEL.META_ARCHITECTURE == "CLIPSelf":  # the real ViT's recipe on the tiny ViT
+        from test_clipself import clipself_cfg
+
+        torch.manual_seed(0)
+        model = build_model(clipself_cfg(tiny_vit_config, base=config)).train()
+        losses = model([image_input(96, 128), image_input(40, 50, seed=1)])
+        assert set(losses) == {"loss_clipself"} and torch.isfinite(losses["loss_clipself"])
+        return
     if cfg.MODEL.META_ARCHITECTURE != "CLIPFastRCNN":
         pytest.fail(f"{config}: unexpected meta-architecture {cfg.MODEL.META_ARCHITECTURE}")
-    model = tiny_model(config, tiny_clip_config, extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    extra = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    if "vit" in cfg.MODEL.BACKBONE.NAME:  # a ViT detector (F-ViT style): the tiny ViT, its 24-d joint space
+        model = tiny_model(config, tiny_vit_config, extra=extra + ["MODEL.CLIP.TEXT_EMB_DIM", 24])
+    else:
+        model = tiny_model(config, tiny_clip_config, extra=extra)
     inputs = [image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90], [0, 0, 128, 96]]),
               image_input(80, 64, boxes=[], seed=1)]
     out = model(inputs)

@@ -1,2 +1,3 @@
 from .attention_pool import attention_pool, interpolate_positional_embedding
 from .clip_resnet import CLIPResNet, build_clip_resnet_backbone, build_clip_resnet_fpn_backbone
+from .clip_vit import CLIPViT, CLIPViTSimpleFeaturePyramid, build_clip_vit_backbone, build_clip_vit_sfp_backbone

@@ -1,2 +1,3 @@
 from .clip_rcnn import CLIPFastRCNN
+from .clipself import CLIPSelf
 from .pretrain import PretrainFastRCNN
