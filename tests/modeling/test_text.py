@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -54,6 +55,34 @@ def test_embed_class_names_is_the_normalised_template_mean(encoder):
     with torch.no_grad():
         f = torch.nn.functional.normalize(encoder(encoder.tokenize(prompts)), dim=-1).mean(0)
     torch.testing.assert_close(emb[1], torch.nn.functional.normalize(f, dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_prompts_are_embedded_in_token_length_order_with_the_same_result(encoder, tmp_path):
+    """Batches hold prompts of similar length (each batch is computed up to its longest prompt),
+    the embeddings equal a name-by-name computation, and a progress file written in another
+    order (an older version's) is not resumed."""
+    from regionclip_d2.modeling.text import embedding as E
+
+    names = ["ox", "a rather long class name with many words in it", "cat", "traffic_light", "an elephant seal"]
+    tmpl = get_templates("imagenet80")
+    order = E._length_order(names, tmpl, encoder)
+    assert sorted(order.tolist()) == list(range(len(names) * len(tmpl)))
+    lengths = [len(encoder.tokenizer.encode(t.format(n.replace("_", " ")))) for n in names for t in tmpl]
+    ordered = [lengths[j] for j in order.tolist()]
+    assert max(ordered[:64]) < max(ordered[-64:])  # short prompts first, long ones last
+    assert sum(a <= b for a, b in zip(ordered, ordered[1:])) >= 0.9 * (len(ordered) - 1)  # close to sorted
+    got = embed_class_names(names, encoder, templates="imagenet80", use_cache=False, batch_size=64)
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            f = torch.nn.functional.normalize(encoder(encoder.tokenize([t.format(n.replace("_", " ")) for t in tmpl])),
+                                              dim=-1).mean(0)
+        torch.testing.assert_close(got[i], torch.nn.functional.normalize(f, dim=0), atol=1e-5, rtol=1e-5)
+    # a progress file from a version that embedded prompts in name order: started over, not mixed in
+    path = E._cache_path(str(tmp_path), encoder, names, tmpl)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"done": 64, "sums": torch.full((len(names), 64), 7.0)}, path + ".partial")
+    again = embed_class_names(names, encoder, templates="imagenet80", cache_dir=str(tmp_path), batch_size=64)
+    torch.testing.assert_close(again, got, atol=1e-5, rtol=1e-5)
 
 
 def test_embedding_cache_hits_and_keys(encoder, tmp_path, monkeypatch):
