@@ -15,6 +15,15 @@ def run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, env=env, **kw)
 
 
+
+def _tiny_demo(inp, out, tiny_clip_config, vocabulary, threshold, min_size, regions):
+    """tools/demo.py's command line on the tiny random CLIP."""
+    return ["tools/demo.py", "--input", str(inp), "--output", str(out), "--vocabulary", "custom",
+            "--custom-vocabulary", vocabulary, "--confidence-threshold", str(threshold), "--random-weights",
+            "--opts", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.PROMPT_TEMPLATES", "single",
+            "INPUT.MIN_SIZE_TEST", str(min_size), "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", str(regions)]
+
 def test_embed_vocabulary(tiny_clip, tiny_clip_config, tmp_path):
     weights = tmp_path / "clip.pth"
     torch.save(tiny_clip.state_dict(), weights)
@@ -55,11 +64,7 @@ def test_demo_writes_images_and_json(tiny_clip_config, tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 70, 4), dtype=np.uint8), mode="RGBA").save(inp / "rgba.png")
     (inp / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
-    r = run(["tools/demo.py", "--input", str(inp), "--output", str(out), "--vocabulary", "custom",
-             "--custom-vocabulary", "red star,blue ring,moon", "--confidence-threshold", "0", "--random-weights",
-             "--opts", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
-             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.PROMPT_TEMPLATES", "single",
-             "INPUT.MIN_SIZE_TEST", "96", "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "50"])
+    r = run(_tiny_demo(inp, out, tiny_clip_config, "red star,blue ring,moon", threshold=0, min_size=96, regions=50))
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert "WEIGHTS ARE RANDOM" in log
@@ -134,11 +139,7 @@ def test_demo_reads_unusual_pixel_modes_and_applies_exif(tiny_clip_config, tmp_p
     exif[0x0112] = 6  # stored 512 x 64, shown 64 wide and 512 tall
     Image.new("RGB", (w, h), (0, 0, 255)).save(inp / "rot.jpg", quality=100, exif=exif.tobytes())
     out = tmp_path / "out"
-    r = run(["tools/demo.py", "--input", str(inp), "--output", str(out), "--vocabulary", "custom",
-             "--custom-vocabulary", "red star,moon", "--confidence-threshold", "2", "--random-weights",
-             "--opts", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
-             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.PROMPT_TEMPLATES", "single",
-             "INPUT.MIN_SIZE_TEST", "64", "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "20"])
+    r = run(_tiny_demo(inp, out, tiny_clip_config, "red star,moon", threshold=2, min_size=64, regions=20))
     assert r.returncode == 0, r.stderr[-3000:]
     expected = {"sixteen_png": (100, 100, 100), "palette_png": (200, 100, 50), "cmyk_jpg": (255, 0, 0),
                 "la_png": (100, 100, 100), "rot_jpg": (0, 0, 255)}
