@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: setup demo reproduce demo-photo test bench clean-venv
+.PHONY: setup demo reproduce demo-photo app test bench clean-venv
 
 setup:
 	bash tools/setup/install.sh
@@ -19,6 +19,12 @@ reproduce: setup
 # the zero-shot detector on a real photo, with RANDOM weights (a smoke test of the app path)
 demo-photo: setup
 	$(PY) tools/demo.py --random-weights --input "$$($(PY) -c 'import skimage.data, os; print(os.path.join(os.path.dirname(skimage.data.__file__), "chelsea.png"))')" --output output/demo --vocabulary coco --opts MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST 100 MODEL.CLIP.PROMPT_TEMPLATES single
+
+# the web app on http://127.0.0.1:7860, with RANDOM weights unless APP_ARGS gives weights (the page says so);
+# e.g. make app APP_ARGS="--synthetic output/synthetic_demo" (after make demo); tools/app.py --help lists the options
+APP_ARGS ?= --opts MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST 100 MODEL.CLIP.PROMPT_TEMPLATES single
+app: setup
+	$(PY) tools/app.py $(APP_ARGS)
 
 test: setup
 	.venv/bin/ruff check .

@@ -128,8 +128,7 @@ class Detector:
         if trust_checkpoints:
             c.TRUST_CHECKPOINTS = True
         cfg.MODEL.DEVICE = _resolve_device(device)
-        random = not cfg.MODEL.WEIGHTS and not c.CLIP_WEIGHTS
-        rpn_random = c.CROP_REGION_TYPE == "RPN" and not c.BB_RPN_WEIGHTS and not cfg.MODEL.WEIGHTS
+        random, rpn_random = _random_branches(cfg)
         if (random or rpn_random) and not allow_random_weights:
             raise DetectorInputError(
                 "no weights given: pass weights='detector_or_regionclip.pth' (MODEL.WEIGHTS)"
@@ -138,8 +137,7 @@ class Detector:
                 + "; or allow_random_weights=True for a smoke test with random weights (meaningless detections)")
         if random or rpn_random:
             logger.warning("Detector: the %s weights are RANDOM: boxes and labels are meaningless",
-                           "recognition" if random and not rpn_random else
-                           ("RPN branch" if not random else "recognition and RPN branch"))
+                           _random_description(random, rpn_random))
         # The configured vocabulary of names is embedded by the Detector's per-name cache, not by the
         # model on its first call (the model would embed it even when a call gives other classes).
         # (Names set together with an embedding file are left for build_model to reject.)
@@ -162,6 +160,14 @@ class Detector:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def random_weights(self) -> str:
+        """Which weights are random, by the config this detector was built from (the rule of
+        :meth:`from_config`): ``""`` (none), ``"recognition"``, ``"RPN branch"`` or
+        ``"recognition and RPN branch"``. Weights loaded into ``self.model`` by other means
+        after construction are not seen."""
+        return _random_description(*_random_branches(self.cfg))
 
     @property
     def default_classes(self) -> Optional[List[str]]:
@@ -394,6 +400,20 @@ class Detector:
                           scores=inst.scores.float().numpy().astype(np.float32),
                           labels=[names[i] for i in ids], label_ids=ids, class_names=list(names),
                           image_size=size, instances=inst if return_instances else None)
+
+
+def _random_branches(cfg) -> Tuple[bool, bool]:
+    """``(recognition random, RPN branch random)``: no file in the config initialises them."""
+    c = cfg.MODEL.CLIP
+    random = not cfg.MODEL.WEIGHTS and not c.CLIP_WEIGHTS
+    rpn_random = c.CROP_REGION_TYPE == "RPN" and not c.BB_RPN_WEIGHTS and not cfg.MODEL.WEIGHTS
+    return bool(random), bool(rpn_random)
+
+
+def _random_description(random: bool, rpn_random: bool) -> str:
+    if random and rpn_random:
+        return "recognition and RPN branch"
+    return "recognition" if random else ("RPN branch" if rpn_random else "")
 
 
 def _resolve_device(device: str) -> str:

