@@ -3,11 +3,19 @@
 Formats understood:
 - OpenAI CLIP ``.pt`` (TorchScript archive) and plain state dicts of it;
 - OpenCLIP checkpoints (state dict, ``{"state_dict": ...}`` training checkpoints, or
-  ``.safetensors``), keys ``visual.*`` + text tower keys;
+  ``.safetensors``), keys ``visual.*`` + text tower keys; CLIPSelf checkpoints of OpenAI /
+  OpenCLIP ViTs are this format (``{"epoch", "name", "state_dict", "optimizer"}``);
+- a bare CLIP image tower (the tower's own keys, no ``visual.`` prefix: a ViT's ``conv1.weight``,
+  ``class_embedding``, ``positional_embedding``, ``transformer.resblocks.*``, ``proj``; a
+  ResNet's ``layer1.*``, ``attnpool.*``), read as if its keys were under ``visual.``;
 - official RegionCLIP and regionclip_d2 ``.pth`` (``{"model": state_dict}`` with
   detectron2-style keys ``backbone.*``, ``lang_encoder.*``, ``roi_heads.*``,
   ``offline_backbone.*``, ``offline_proposal_generator.*``, ``teacher_backbone.*``);
 - detectron2 checkpoints of the RPN branch (``backbone.*``, ``proposal_generator.*``).
+
+Refused with an error that says so: EVA-CLIP image towers (``visual.patch_embed.*``,
+``visual.blocks.*``: the EVA02-CLIP layout of the official CLIPSelf code) and open_clip's timm
+towers (``visual.trunk.*``, e.g. EVA02-*), which the CLIP backbones do not implement.
 
 Every pickle-based read uses ``torch.load(weights_only=True)`` unless the caller
 passes ``trusted=True``.
@@ -90,10 +98,11 @@ def _needs_unpickling(error: Exception) -> bool:
     return "Weights only load failed" in text and "GLOBAL" in text
 
 
-def unwrap_state_dict(data) -> Dict[str, torch.Tensor]:
+def unwrap_state_dict(data, source: str = "the checkpoint") -> Dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: ``data["model"]`` (detectron2),
-    ``data["state_dict"]`` (OpenCLIP training), or ``data``; ``module.`` stripped;
-    numpy arrays turned into tensors; non-tensor entries dropped."""
+    ``data["state_dict"]`` (OpenCLIP / CLIPSelf training), or ``data``; ``module.`` stripped;
+    numpy arrays turned into tensors; non-tensor entries dropped; a bare image tower put
+    under ``visual.`` and towers the backbones cannot take refused (:func:`normalize_image_tower`)."""
     if not isinstance(data, dict):
         raise CheckpointFormatError(f"checkpoint holds a {type(data).__name__}, not a dict of weights")
     for key in ("model", "state_dict"):
@@ -115,7 +124,53 @@ def unwrap_state_dict(data) -> Dict[str, torch.Tensor]:
             except ImportError:
                 continue
         out[k] = v
-    return out
+    return normalize_image_tower(out, source)
+
+
+_BARE_VIT_KEYS = ("conv1.weight", "class_embedding", "positional_embedding", "proj")
+_BARE_RESNET_KEYS = ("layer1.0.conv1.weight", "attnpool.c_proj.weight")
+
+
+def _bare_tower(sd: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``sd`` is a CLIP image tower on its own (a ViT's or a ResNet's keys, no prefix)."""
+    if any(k.startswith(("visual.", "backbone.")) for k in sd) or "token_embedding.weight" in sd:
+        return False
+    return all(k in sd for k in _BARE_VIT_KEYS) or all(k in sd for k in _BARE_RESNET_KEYS)
+
+
+def _foreign_tower(sd: Dict[str, torch.Tensor]):
+    """``(description, example key)`` of an image tower the CLIP backbones cannot take, or None:
+    open_clip's timm towers (``[visual.]trunk.*``) and EVA-CLIP's own ViT (``[visual.]patch_embed.*``
+    with ``[visual.]blocks.*``)."""
+    for prefix in ("visual.", ""):
+        rel = {k[len(prefix):]: k for k in sd if k.startswith(prefix)}
+        trunk = next((k for r, k in rel.items() if r.startswith("trunk.")), None)
+        if trunk is not None:
+            return (f"an open_clip timm image tower ({prefix}trunk.*: open_clip's EVA02-* models and other timm "
+                    "towers)", trunk)
+        if "patch_embed.proj.weight" in rel and any(r.startswith("blocks.") for r in rel):
+            return (f"an EVA-CLIP image tower ({prefix}patch_embed.*, {prefix}blocks.*: EVA02-CLIP, the layout the "
+                    "official CLIPSelf and F-ViT code writes for its EVA02 models)", rel["patch_embed.proj.weight"])
+    return None
+
+
+def normalize_image_tower(sd: Dict[str, torch.Tensor], source: str = "the checkpoint") -> Dict[str, torch.Tensor]:
+    """``sd`` with a bare CLIP image tower (see the module docstring) put under ``visual.``, like a
+    whole OpenAI / OpenCLIP file; any other state dict unchanged. Raises
+    :class:`CheckpointFormatError` for EVA-CLIP and timm towers, which no backbone here implements."""
+    foreign = _foreign_tower(sd)
+    if foreign is not None:
+        what, key = foreign
+        raise CheckpointFormatError(
+            f"{source} holds {what}, e.g. key {key!r}. The CLIP ViT backbone takes open_clip VisionTransformer "
+            "weights only (OpenAI / OpenCLIP ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 and CLIPSelf checkpoints "
+            "of them: visual.conv1.weight, visual.class_embedding, visual.transformer.resblocks.*); EVA02 towers "
+            "(rotary position embeddings, SwiGLU MLPs, separate q/k/v projections) are not implemented, so these "
+            "weights cannot be loaded. Start from an OpenAI / OpenCLIP ViT instead "
+            "(configs/clipself/CLIPSelf_ViT-B-16.yaml trains CLIPSelf on one)")
+    if _bare_tower(sd):
+        return {"visual." + k: v for k, v in sd.items()}
+    return sd
 
 
 def detect_format(sd: Dict[str, torch.Tensor]) -> str:
@@ -164,12 +219,13 @@ def rpn_to_offline_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def load_state_dict_file(path: str, trusted: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
     """Read any supported weight file: (state dict, detected format)."""
-    sd = unwrap_state_dict(read_checkpoint(path, trusted=trusted))
+    sd = unwrap_state_dict(read_checkpoint(path, trusted=trusted), source=repr(path))
     fmt = detect_format(sd)
     if fmt == "unknown":
         sample = ", ".join(list(sd)[:5])
         raise CheckpointFormatError(
             f"unknown checkpoint format in {path!r} (first keys: {sample}): expected an OpenAI/OpenCLIP "
-            "CLIP file (visual.*, token_embedding.*), an official RegionCLIP or regionclip_d2 checkpoint "
+            "CLIP file (visual.*, token_embedding.*) or its image tower alone (conv1.weight, class_embedding, "
+            "transformer.resblocks.*, ...), an official RegionCLIP or regionclip_d2 checkpoint "
             "(backbone.*, lang_encoder.*, ...) or a detectron2 RPN checkpoint")
     return sd, fmt

@@ -5,10 +5,12 @@ architectures install it as a load hook (``install_load_hook``), so every loader
 (detectron2's ``DetectionCheckpointer`` inside ``DefaultPredictor``, our
 ``RegionCLIPCheckpointer``, a plain ``load_state_dict``) gets the same conversion.
 """
+import functools
 import logging
+import math
 import os
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,11 +19,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 
 from .formats import (
+    TEXT_PREFIXES,
     VOCABULARY_KEYS,
     CheckpointFormatError,
     clip_to_detector_keys,
     detect_format,
     load_state_dict_file,
+    normalize_image_tower,
     read_checkpoint,
     rpn_to_offline_keys,
     unwrap_state_dict,
@@ -36,6 +40,7 @@ _TOP = ("backbone.bottom_up.", "backbone.", "teacher_backbone.", "lang_encoder."
 def adapt_state_dict(sd: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
     """Return ``sd`` with keys mapped onto ``model_keys`` (a set of the model's state-dict keys)."""
     model_keys = set(model_keys)
+    sd = normalize_image_tower(sd)
     fmt = detect_format(sd)
     if fmt == "clip":
         visual = [p for p in ("backbone.", "backbone.bottom_up.", "teacher_backbone.")
@@ -140,8 +145,10 @@ def _model_keys(model):
 
 def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str, whole: bool = False):
     """Raise on shape mismatches and on modules the file covers only in part (``whole``:
-    the file must cover all of ``model``)."""
+    the file must cover all of ``model``). A CLIP ViT tower of another architecture is named
+    as such (:func:`check_vit_towers`)."""
     model_sd = model.state_dict()
+    check_vit_towers(sd, model_sd, source)
     bad = [(k, tuple(v.shape), tuple(model_sd[k].shape)) for k, v in sd.items()
            if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
     if bad:
@@ -175,6 +182,105 @@ def check_compatible(sd: Dict[str, torch.Tensor], model: nn.Module, source: str,
     unexpected = [k for k in sd if k not in model_sd and not k.endswith("num_batches_tracked")]
     if unexpected:
         logger.warning("%s: %d key(s) not used by the model, e.g. %s", source, len(unexpected), unexpected[:5])
+
+
+def vit_tower_shape(sd: Dict[str, torch.Tensor]) -> Optional[Dict[str, int]]:
+    """The architecture of a CLIP ViT image tower read off its weights (keys relative to the
+    tower): ``width``, ``patch``, ``positions`` (1 + grid cells), ``grid`` (the side of a square
+    grid, 0 if not square), ``layers``, ``embed_dim`` (``proj``), ``mlp`` (hidden width); None
+    without ``conv1.weight`` and ``positional_embedding``."""
+    conv, pos = sd.get("conv1.weight"), sd.get("positional_embedding")
+    if conv is None or pos is None or conv.dim() != 4 or pos.dim() != 2:
+        return None
+    n = int(pos.shape[0])
+    g = math.isqrt(max(n - 1, 0))
+    out = {"width": int(conv.shape[0]), "patch": int(conv.shape[-1]), "positions": n,
+           "grid": g if g * g == n - 1 else 0,
+           "layers": len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})}
+    proj = sd.get("proj")
+    if proj is not None and proj.dim() == 2:
+        out["embed_dim"] = int(proj.shape[1])
+    fc = sd.get("transformer.resblocks.0.mlp.c_fc.weight")
+    if fc is not None:
+        out["mlp"] = int(fc.shape[0])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _openclip_vit_shapes() -> Tuple[Tuple[str, Tuple], ...]:
+    import open_clip
+
+    from ..modeling.clip_model import vit_model_names  # here: modeling imports this module
+
+    out = []
+    for name in vit_model_names():
+        cfg = open_clip.get_model_config(name)
+        v = cfg["vision_cfg"]
+        size, patch = v.get("image_size", 224), v.get("patch_size", 16)
+        if not isinstance(size, int) or not isinstance(patch, int):
+            continue
+        width = v.get("width", 768)
+        out.append((name, (width, patch, 1 + (size // patch) ** 2, v["layers"], cfg["embed_dim"],
+                           int(width * v.get("mlp_ratio", 4.0)))))
+    return tuple(out)
+
+
+def openclip_vit_names(shape: Dict[str, int]) -> List[str]:
+    """open_clip model names whose image tower has this shape (:func:`vit_tower_shape`): ``ViT-*`` names
+    first, shortest first."""
+    key = (shape["width"], shape["patch"], shape["positions"], shape["layers"], shape.get("embed_dim"),
+           shape.get("mlp"))
+    names = [n for n, s in _openclip_vit_shapes()
+             if all(a is None or a == b for a, b in zip(key, s))]
+    return sorted(names, key=lambda n: (not n.startswith("ViT-"), len(n), n))
+
+
+def _describe_positions(shape: Dict[str, int]) -> str:
+    names = openclip_vit_names(shape)
+    if shape["grid"]:
+        g, p = shape["grid"], shape["patch"]
+        where = f"{g}x{g} patches of {p} px: " + (f"{names[0]} at {g * p} px" if names else f"a {g * p} px input")
+    else:
+        where = f"{shape['positions'] - 1} patch positions, not a square grid"
+    return f"{shape['positions']} tokens ({where})"
+
+
+def check_vit_towers(sd: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor], source: str):
+    """Raise when the file's CLIP ViT image tower (for each ViT of the model: the keys under its
+    prefix) differs from the model's in width, patch size, positional embedding, depth, joint
+    dimension or MLP width; the error names both architectures (open_clip model names where one
+    matches) and the setting that builds the file's."""
+    for pre in sorted({k[:-len("class_embedding")] for k in model_sd if k.endswith("class_embedding")}):
+        file_shape = vit_tower_shape({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+        model_shape = vit_tower_shape({k[len(pre):]: v for k, v in model_sd.items() if k.startswith(pre)})
+        if file_shape is None or model_shape is None:
+            continue
+        diffs = []
+        if file_shape["positions"] != model_shape["positions"]:
+            diffs.append(f"positional embedding has {_describe_positions(file_shape)} but the config builds "
+                         f"{_describe_positions(model_shape)}")
+        for field, what in (("width", "width {}"), ("patch", "{} px patches"), ("layers", "{} transformer block{}"),
+                            ("embed_dim", "a {}-d joint embedding (proj)"), ("mlp", "MLP width {}")):
+            a, b = file_shape.get(field), model_shape.get(field)
+            if a is not None and b is not None and a != b:
+                diffs.append(f"{what.format(a, 's' if a != 1 else '')} but the config builds "
+                             f"{what.format(b, 's' if b != 1 else '')}")
+        if not diffs:
+            continue
+        names = openclip_vit_names(file_shape)
+        if names:
+            fix = f"To load it, set MODEL.CLIP.OPENCLIP_MODEL {names[0]}"
+            quick = [n for n in names if n.endswith("-quickgelu")]
+            if quick and not names[0].endswith("-quickgelu"):
+                fix += f" ({quick[0]} for OpenAI's weights, which use QuickGELU)"
+        else:
+            fix = ("No open_clip model has this tower: to load it, give MODEL.CLIP.OPENCLIP_MODEL_CONFIG a model "
+                   f"config with embed_dim {file_shape.get('embed_dim', '?')} and vision_cfg width "
+                   f"{file_shape['width']}, layers {file_shape['layers']}, patch_size {file_shape['patch']}"
+                   + (f", image_size {file_shape['grid'] * file_shape['patch']}" if file_shape["grid"] else ""))
+        raise CheckpointFormatError(
+            f"{source}: its CLIP ViT image tower is not the one the config builds{' for ' + pre[:-1] if pre else ''}: "
+            + "; ".join(diffs) + f". {fix}")
 
 
 def _top(key):
@@ -235,9 +341,9 @@ class RegionCLIPCheckpointer(DetectionCheckpointer):
         data = read_checkpoint(filename, trusted=self.trusted)
         if isinstance(data, dict) and isinstance(data.get("model"), dict):
             data = dict(data)
-            data["model"] = unwrap_state_dict(data["model"])
+            data["model"] = unwrap_state_dict(data["model"], source=repr(filename))
             return data
-        return {"model": unwrap_state_dict(data)}
+        return {"model": unwrap_state_dict(data, source=repr(filename))}
 
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
@@ -279,28 +385,50 @@ def check_tower_kind(part: Dict[str, torch.Tensor], backbone: nn.Module, path: s
             f"{have} architecture; to keep the {want}, give {want} weights")
 
 
-def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Module = None,
-                      trusted: bool = False):
-    """Load an OpenAI / OpenCLIP file (or a regionclip checkpoint's backbone/lang_encoder)
-    into a CLIP ResNet backbone and/or language encoder, strictly."""
-    sd, fmt = load_state_dict_file(path, trusted=trusted)
+def split_towers(sd: Dict[str, torch.Tensor], fmt: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(image tower, text tower) of a state dict of format ``fmt``, keys relative to each tower:
+    ``visual.*`` and the text keys of a CLIP file, ``backbone[.bottom_up].*`` and ``lang_encoder.*``
+    of a regionclip / detectron2 checkpoint."""
     if fmt == "clip":
         vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-        txt = {k: v for k, v in sd.items() if k.startswith(tuple(
-            ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")))}
+        txt = {k: v for k, v in sd.items() if k.startswith(TEXT_PREFIXES)}
     else:
         pre = "backbone.bottom_up." if any(k.startswith("backbone.bottom_up.") for k in sd) else "backbone."
         vis = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
         txt = {k[len("lang_encoder."):]: v for k, v in sd.items() if k.startswith("lang_encoder.")}
+    return vis, txt
+
+
+def load_clip_state_dict(sd: Dict[str, torch.Tensor], fmt: str, source: str, backbone: nn.Module = None,
+                         lang_encoder: nn.Module = None):
+    """:func:`load_clip_weights` for a state dict already read (``fmt`` from :func:`detect_format`)."""
+    vis, txt = split_towers(sd, fmt)
+    if backbone is not None and lang_encoder is None and txt:
+        logger.info("%s: its text tower (%d tensors) is not loaded: only the image tower is asked for here", source,
+                    len(txt))
     for module, part, what in ((backbone, vis, "image tower"), (lang_encoder, txt, "text tower")):
         if module is None:
             continue
         if not part:
-            raise CheckpointFormatError(f"{path!r} has no {what} weights")
+            hint = ""
+            if module is lang_encoder and vis:
+                hint = (": it holds an image tower only. Give a whole CLIP file (both towers) as "
+                        "MODEL.CLIP.CLIP_WEIGHTS and the image tower as MODEL.WEIGHTS (convert it with "
+                        "tools/convert_weights.py --format clipself)")
+            raise CheckpointFormatError(f"{source} has no {what} weights{hint}")
         if module is backbone:
-            check_tower_kind(part, module, path)
-        check_compatible(part, module, f"{path!r} ({what})", whole=True)
+            check_tower_kind(part, module, source)
+        check_compatible(part, module, f"{source} ({what})", whole=True)
         module.load_state_dict(part, strict=False)
+
+
+def load_clip_weights(path: str, backbone: nn.Module = None, lang_encoder: nn.Module = None,
+                      trusted: bool = False):
+    """Load an OpenAI / OpenCLIP file, a bare image tower, or a regionclip checkpoint's backbone /
+    lang_encoder into a CLIP backbone (ResNet or ViT) and/or language encoder, strictly; returns
+    the file's format."""
+    sd, fmt = load_state_dict_file(path, trusted=trusted)
+    load_clip_state_dict(sd, fmt, repr(path), backbone=backbone, lang_encoder=lang_encoder)
     return fmt
 
 
@@ -308,7 +436,7 @@ def load_rpn_weights(path: str, model: nn.Module, trusted: bool = False):
     """Load the localization branch (``offline_backbone`` + ``offline_proposal_generator``)
     from a detectron2 RPN checkpoint or a full regionclip checkpoint, strictly."""
     data = read_checkpoint(path, trusted=trusted)
-    sd = rpn_to_offline_keys(unwrap_state_dict(data))
+    sd = rpn_to_offline_keys(unwrap_state_dict(data, source=repr(path)))
     if not sd:
         raise CheckpointFormatError(
             f"MODEL.CLIP.BB_RPN_WEIGHTS={path!r} holds no backbone.* / proposal_generator.* weights: "
@@ -337,7 +465,7 @@ def check_weights_file(path: str, model: nn.Module, *, trusted: bool = False, ha
         return
     data = read_checkpoint(path, trusted=trusted)
     raw = unwrap_state_dict(data["model"] if isinstance(data, dict) and isinstance(data.get("model"), dict)
-                            else data)
+                            else data, source=f"{key} {path!r}")
     if detect_format(raw) == "unknown":
         raise CheckpointFormatError(f"{key} {path!r}: unknown checkpoint format (first keys: {list(raw)[:5]})")
     sd = adapt_state_dict(raw, _model_keys(model))
