@@ -59,6 +59,9 @@ def main(argv=None):
                     help="fraction of captions naming colours (default: %(default)s; colour is a shortcut)")
     ap.add_argument("--single-object-prob", type=float, default=0.45,
                     help="fraction of images with exactly one object (default: %(default)s)")
+    ap.add_argument("--max-rotation", type=float, default=180.0,
+                    help="objects are rotated by up to this many degrees either way; 180 = any orientation "
+                         "(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     ap.add_argument("--workers", type=int, default=1, help="rendering processes; the output does not depend "
                                                            "on it (default: %(default)s)")
@@ -71,7 +74,7 @@ def main(argv=None):
                           max_size=args.max_size, single_min_size=args.single_min_size,
                           single_max_size=args.single_max_size, captions_per_image=args.captions_per_image,
                           colour_prob=args.colour_prob, single_object_prob=args.single_object_prob,
-                          seed=args.seed)
+                          max_rotation=args.max_rotation, seed=args.seed)
         for name in ("num_train", "num_val", "num_test"):
             if getattr(args, name) < 0:
                 raise WorldConfigError(f"--{name.replace('_', '-')} must be >= 0")

@@ -36,12 +36,13 @@ logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (this file is in tools/)
 
 WORLD_KEYS = ("image_size", "max_objects", "min_size", "max_size", "single_min_size", "single_max_size",
-              "single_object_prob", "colour_prob", "categories", "novel")
+              "single_object_prob", "colour_prob", "max_rotation", "categories", "novel")
 
 PROFILES = {
     # the demo: all stages in about 15 minutes on 2 CPU cores (fp32, AVX2)
     "demo": dict(num_train=3000, num_val=900, num_test=300, image_size=96, max_objects=3, min_size=30,
                  max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.0,
+                 max_rotation=180.0,
                  categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
                  novel="heart,moon,bolt,frame",
                  clip_steps=380, clip_batch=128, clip_lr=0.004, min_count=30,

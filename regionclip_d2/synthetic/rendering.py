@@ -109,7 +109,10 @@ def render_image(cfg: WorldConfig, rng: np.random.Generator, keep_masks: bool = 
         shape = cfg.categories[int(rng.integers(len(cfg.categories)))]
         color = color_names[int(rng.integers(len(color_names)))]
         size = rng.uniform(lo_size, hi_size)
-        angle = rng.uniform(0, 2 * math.pi)
+        if cfg.max_rotation >= 180.0:
+            angle = rng.uniform(0, 2 * math.pi)
+        else:  # one draw either way, so a seed's other draws do not move
+            angle = math.radians(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
         aspect = rng.uniform(0.9, 1.1)  # mild: a stretched square must not pass for a diamond
         for attempt in range(30):
             if attempt and attempt % 6 == 0:

@@ -36,6 +36,9 @@ class WorldConfig:
             ``min_size``, ``max_size``). Larger values make those images object-centric, like
             the photos CLIP learns from, so that the whole-image view of an object resembles
             the region view a detector pools.
+        max_rotation: objects are rotated by an angle drawn uniformly from
+            ``[-max_rotation, max_rotation]`` degrees (180: any orientation). Small values keep
+            shapes near upright, as objects in photos mostly are.
         min_visible: an earlier object keeps at least this fraction of its pixels visible
             when later objects are drawn over it (mild occlusion).
         max_box_overlap: two objects' boxes may share at most this fraction of the smaller
@@ -56,6 +59,7 @@ class WorldConfig:
     max_size: Optional[int] = None
     single_min_size: Optional[int] = None
     single_max_size: Optional[int] = None
+    max_rotation: float = 180.0
     min_visible: float = 0.7
     max_box_overlap: float = 0.35
     colour_prob: float = 0.5
@@ -139,6 +143,9 @@ class WorldConfig:
                 raise WorldConfigError(f"{name}={v} is not a probability in [0, 1]")
         if not 0.0 <= self.max_box_overlap <= 1.0:
             raise WorldConfigError(f"max_box_overlap={self.max_box_overlap} must lie in [0, 1]")
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise WorldConfigError(f"max_rotation={self.max_rotation} degrees must lie in [0, 180] "
+                                   "(180: any orientation)")
         if not 0.0 <= self.min_visible <= 1.0:
             raise WorldConfigError(f"min_visible={self.min_visible} must lie in [0, 1]")
         if self.captions_per_image < 1:

@@ -136,6 +136,8 @@ def test_deterministic_and_independent_of_workers(world_dir, tmp_path):
     (dict(image_size=100), "multiple of 32"),
     (dict(image_size=512), "between 96 and 320"),
     (dict(colour_prob=1.5), "probability"),
+    (dict(max_rotation=200), "max_rotation"),
+    (dict(max_rotation=-5), "max_rotation"),
 ])
 def test_validation(kwargs, match):
     with pytest.raises(WorldConfigError, match=match):
@@ -161,6 +163,27 @@ def test_boxes_match_drawn_pixels():
         if len(objects) == 1:  # single objects are always named
             assert all(objects[0].shape in c for c in captions), captions
     assert n_objects >= 45
+
+
+def test_max_rotation_keeps_shapes_upright():
+    """With max_rotation=0 a square fills its box (only the mild aspect stretch remains); with
+    any orientation many squares are tilted and fill much less of it. The other draws of a seed
+    do not move: the same objects at the same places."""
+    def squares_fill(max_rotation):
+        cfg = WorldConfig(image_size=96, categories=("square", "circle"), novel=("circle",), seed=2,
+                          max_rotation=max_rotation)
+        fills, layout = [], []
+        for i in range(40):
+            _, objects, _ = generate_sample(cfg, "train", i)
+            layout.append([(o.shape, o.color) for o in objects])
+            fills += [o.area / (o.bbox[2] * o.bbox[3]) for o in objects if o.shape == "square"]
+        return np.array(fills), layout
+
+    upright, layout0 = squares_fill(0.0)
+    tilted, layout180 = squares_fill(180.0)
+    assert len(upright) >= 20 and np.mean(upright > 0.9) > 0.8  # the rest are partly hidden
+    assert np.mean(tilted < 0.8) > 0.6
+    assert layout0 == layout180
 
 
 def test_caption_statistics():
