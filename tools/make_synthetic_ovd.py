@@ -8,6 +8,8 @@ Writes, under --output-dir:
   annotations/instances_<split>.json   COCO instances; the train JSON has NO novel boxes
   annotations/captions_<split>.jsonl   {"file_name", "image_id", "caption"} per line; training
                                        captions name novel shapes too
+  annotations/grounding_<split>.json   the captions' phrases and the boxes each names (MDETR's
+                                       grounding format; train: no novel boxes)
 
 Examples:
   python tools/make_synthetic_ovd.py --output-dir datasets/synthetic_ovd

@@ -21,7 +21,9 @@ Counting: each concept counts **once per caption** in which it occurs (a caption
 "a dog chasing a dog" adds 1 to ``dog``), so a concept's count is the number of captions
 mentioning it. :func:`parse_caption` therefore returns distinct concepts.
 
-Caption files are read by :mod:`regionclip_d2.data.caption_files`.
+:func:`noun_phrase_spans` gives the same phrases with their character spans in the caption as
+written, every occurrence (for phrase grounding). Caption files are read by
+:mod:`regionclip_d2.data.caption_files`.
 """
 import collections
 import itertools
@@ -31,7 +33,7 @@ import os
 import re
 import threading
 import types
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 # the caption-file readers, re-exported: they were part of this module
 from .caption_files import (  # noqa: F401
@@ -122,31 +124,101 @@ def singularize(noun: str) -> str:
     return lemma if _WORD.match(lemma) else noun
 
 
+def _phrase_runs(tokens: Sequence[str], max_phrase_words: int):
+    """The noun phrases of tagged ``tokens`` (see the module docstring): yields
+    ``(run, head)``, ``run`` the kept ``(token index, word)`` pairs (at most
+    ``max_phrase_words``, ending with the head noun) and ``head`` the lemmatised head noun."""
+    nlp = _tools()
+    run: List[Tuple[int, str, str]] = []
+    for index, (word, tag) in enumerate(itertools.chain(nlp.tagger.tag(list(tokens)), [("", ".")])):
+        if (tag.startswith("NN") or tag.startswith("JJ")) and _WORD.match(word):
+            run.append((index, word, tag))
+            continue
+        while run and not run[-1][2].startswith("NN"):
+            run.pop()  # a phrase ends with a noun
+        if run:
+            head = singularize(run[-1][1])
+            if len(head) >= 2:
+                kept = run[-max_phrase_words:] if max_phrase_words > 1 else run[-1:]
+                yield [(i, w) for i, w, _ in kept], head
+        run = []
+
+
+def _normalize(text) -> str:
+    return " ".join(str(text).lower().split())
+
+
 def parse_caption(text: str, max_phrase_words: int = DEFAULT_MAX_PHRASE_WORDS) -> List[str]:
     """The distinct concepts of one caption, in order of first occurrence (a head noun
     before its phrase): ``"Two red stars next to a blue ring."`` ->
     ``["star", "red star", "ring", "blue ring"]``. See the module docstring for the rules."""
     nlp = _tools()
-    tokens = nlp.tokenize(" ".join(str(text).lower().split()))
+    tokens = nlp.tokenize(_normalize(text))
     if not tokens:
         return []
     concepts = {}
-    run: List[Tuple[str, str]] = []
-    for word, tag in itertools.chain(nlp.tagger.tag(tokens), [("", ".")]):
-        if (tag.startswith("NN") or tag.startswith("JJ")) and _WORD.match(word):
-            run.append((word, tag))
-            continue
-        while run and not run[-1][1].startswith("NN"):
-            run.pop()  # a phrase ends with a noun
-        if run:
-            head = singularize(run[-1][0])
-            if len(head) >= 2:
-                concepts.setdefault(head, None)
-                words = [w for w, _ in run[-max_phrase_words:-1]] if max_phrase_words > 1 else []
-                if words:
-                    concepts.setdefault(" ".join(words + [head]), None)
-        run = []
+    for run, head in _phrase_runs(tokens, max_phrase_words):
+        concepts.setdefault(head, None)
+        if len(run) > 1:
+            concepts.setdefault(" ".join([w for _, w in run[:-1]] + [head]), None)
     return list(concepts)
+
+
+class NounPhrase(NamedTuple):
+    """A noun phrase of a caption: ``caption[start:end] == text``; ``concept`` is what
+    :func:`parse_caption` counts for it (head noun lemmatised), ``head`` the lemmatised head."""
+    start: int
+    end: int
+    text: str
+    concept: str
+    head: str
+
+
+def _token_offsets(tokens: Sequence[str], text: str) -> List[Optional[Tuple[int, int]]]:
+    """Where each of NLTK's ``word_tokenize`` tokens lies in ``text`` (``None`` where the
+    tokenizer rewrote it beyond recognition). Its tokens are substrings of the text in order,
+    except double quotes (NLTK writes them as two backquotes or two single quotes)."""
+    out, cursor = [], 0
+    for tok in tokens:
+        candidates = [tok] + (['"'] if tok in ("``", "''") else [])
+        found = None
+        for c in candidates:
+            k = text.find(c, cursor)
+            if k >= 0 and (found is None or k < found[0]):
+                found = (k, k + len(c))
+        if found is not None:
+            cursor = found[1]
+        out.append(found)
+    return out
+
+
+def noun_phrase_spans(text: str, max_phrase_words: int = DEFAULT_MAX_PHRASE_WORDS) -> List[NounPhrase]:
+    """Every noun phrase of a caption with its character span in ``text`` as given (not
+    lower-cased, whitespace as written), in order and not deduplicated: ``"A dog chasing a
+    big Dog"`` -> ``[NounPhrase(2, 5, "dog", "dog", "dog"), NounPhrase(16, 23, "big Dog", "big
+    dog", "dog")]``. The phrases are those :func:`parse_caption` finds (same tokenizer, tagger
+    and rules: adjectives and nouns, at most ``max_phrase_words`` words, determiners and
+    numbers not included)."""
+    from .text_offsets import source_span, transform_words
+
+    nlp = _tools()
+    normalized, spans = transform_words(str(text), str.lower)
+    if normalized != _normalize(text):  # cannot happen: str.lower never adds nor removes whitespace
+        raise AssertionError(f"lower-casing {str(text)[:100]!r} word by word changed the text")
+    tokens = nlp.tokenize(normalized)
+    if not tokens:
+        return []
+    offsets = _token_offsets(tokens, normalized)
+    out = []
+    for run, head in _phrase_runs(tokens, max_phrase_words):
+        first, last = offsets[run[0][0]], offsets[run[-1][0]]
+        if first is None or last is None:  # a word (letters and hyphens) is never rewritten
+            logger.warning("could not locate the phrase %r in %r", " ".join(w for _, w in run), str(text)[:200])
+            continue
+        start, end = source_span(spans, first[0], last[1])
+        concept = " ".join([w for _, w in run[:-1]] + [head])
+        out.append(NounPhrase(start, end, str(text)[start:end], concept, head))
+    return out
 
 
 def _count_chunk(args) -> Tuple[collections.Counter, int, int]:

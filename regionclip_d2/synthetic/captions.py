@@ -1,6 +1,7 @@
 """Template captions of a synthetic-world image: counts, colours, sizes and spatial
-relations of some of its objects (``make_caption``)."""
-from typing import Dict, List, Sequence, Tuple
+relations of some of its objects (``make_caption``), and which objects each phrase names
+(``make_grounded_caption``, for grounding annotations)."""
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -40,16 +41,31 @@ def _relation(a: Tuple[float, float], b: Tuple[float, float], rng) -> str:
     return "next to"
 
 
+class GroundedPhrase(NamedTuple):
+    """A phrase of a caption and the objects it names: ``caption[start:end]`` (e.g. ``"two
+    red stars"``, with its count word or article) names ``objects[i]`` for ``i in members``."""
+    start: int
+    end: int
+    members: Tuple[int, ...]
+
+
 def make_caption(objects: Sequence[DrawnObject], cfg: WorldConfig, rng: np.random.Generator) -> str:
     """A template caption of some of ``objects``: counts, colours (with ``colour_prob``),
     size words, a spatial relation between two groups, optional prefix / suffix. At most
     three groups are named (short enough for a 24-token text context)."""
+    return make_grounded_caption(objects, cfg, rng)[0]
+
+
+def make_grounded_caption(objects: Sequence[DrawnObject], cfg: WorldConfig, rng: np.random.Generator
+                          ) -> Tuple[str, List[GroundedPhrase]]:
+    """:func:`make_caption` (the same caption, from the same random draws) and the phrases
+    it is made of, each with the indices (into ``objects``) of the objects it names."""
     if not objects:
-        return "an empty textured background"
+        return "an empty textured background", []
     use_colour = rng.random() < cfg.colour_prob
-    groups: Dict[tuple, List[DrawnObject]] = {}
-    for o in objects:
-        groups.setdefault((o.color, o.shape) if use_colour else (o.shape,), []).append(o)
+    groups: Dict[tuple, List[int]] = {}
+    for i, o in enumerate(objects):
+        groups.setdefault((o.color, o.shape) if use_colour else (o.shape,), []).append(i)
     keys = list(groups)
     order = rng.permutation(len(keys))
     keys = [keys[i] for i in order]
@@ -59,7 +75,7 @@ def make_caption(objects: Sequence[DrawnObject], cfg: WorldConfig, rng: np.rando
     span = max(cfg.max_size - cfg.min_size, 1e-6)
     phrases, centres = [], []
     for key in keys:
-        members = groups[key]
+        members = [objects[i] for i in groups[key]]
         adjectives = []
         if len(members) == 1 and rng.random() < 0.2:
             rel = (members[0].size - cfg.min_size) / span
@@ -71,18 +87,26 @@ def make_caption(objects: Sequence[DrawnObject], cfg: WorldConfig, rng: np.rando
             adjectives.append(key[0])
         phrases.append(_phrase(len(members), key[-1], adjectives))
         centres.append(tuple(np.mean([m.center for m in members], 0)))
+    # the caption as pieces: (text, index of the group it names, or None for the glue)
     if len(phrases) == 2 and rng.random() < 0.5:
-        body = f"{phrases[0]} {_relation(centres[0], centres[1], rng)} {phrases[1]}"
+        pieces = [(phrases[0], 0), (f" {_relation(centres[0], centres[1], rng)} ", None), (phrases[1], 1)]
     elif len(phrases) == 1:
-        body = phrases[0]
+        pieces = [(phrases[0], 0)]
     else:
-        body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        pieces = [(phrases[0], 0)]
+        for k in range(1, len(phrases)):
+            pieces += [(", " if k < len(phrases) - 1 else " and ", None), (phrases[k], k)]
     r = rng.random()
     if r < 0.45:
         prefix = _PREFIXES[int(rng.integers(len(_PREFIXES)))]
         if prefix == "there is" and not phrases[0].startswith(("a ", "an ")):
             prefix = "there are"
-        body = f"{prefix} {body}"
+        pieces.insert(0, (f"{prefix} ", None))
     elif r < 0.55 and len(phrases) <= 2:
-        body = f"{body} {_SUFFIXES[int(rng.integers(len(_SUFFIXES)))]}"
-    return body
+        pieces.append((f" {_SUFFIXES[int(rng.integers(len(_SUFFIXES)))]}", None))
+    caption, grounded = "", []
+    for text, k in pieces:
+        if k is not None:
+            grounded.append(GroundedPhrase(len(caption), len(caption) + len(text), tuple(groups[keys[k]])))
+        caption += text
+    return caption, grounded

@@ -26,6 +26,8 @@ Outputs, all ordinary files the regular loaders read (``generate_world``)::
     <out>/{train,val,test}/<split>_000000.png images
     <out>/annotations/instances_<split>.json  COCO instances (bbox XYWH in pixels)
     <out>/annotations/captions_<split>.jsonl  {"file_name", "image_id", "caption"} per line
+    <out>/annotations/grounding_<split>.json  the captions' phrases and the boxes they name, in
+                                              MDETR's grounding format (see ``grounding_json``)
 
 Only numpy and PIL are used; generation is deterministic given the seed (each image has its
 own random stream derived from ``(seed, split, index)``, so results do not depend on the
@@ -38,7 +40,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from .captions import PLURALS, make_caption
+from .captions import PLURALS, make_caption, make_grounded_caption
 from .rendering import DrawnObject, render_image
 from .shapes import COLORS, DEFAULT_BASE, DEFAULT_CATEGORIES, DEFAULT_NOVEL, SHAPES
 from .world_config import RENDER_REVISION, WORLD_FORMAT_VERSION, WorldConfig, WorldConfigError
@@ -50,6 +52,7 @@ __all__ = [
     "make_caption",
     # defined here
     "SPLITS", "image_rng", "file_name", "generate_sample", "world_paths", "categories_json", "generate_split",
+    "grounding_json", "make_grounded_caption",
     "world_description", "generate_world", "load_world", "check_same_world", "read_captions",
 ]
 
@@ -69,31 +72,37 @@ def file_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.png"
 
 
-def generate_sample(cfg: WorldConfig, split: str, index: int, keep_masks: bool = False):
-    """Image ``index`` of ``split``: (image ``[S, S, 3]`` uint8, objects, captions)."""
+def generate_sample(cfg: WorldConfig, split: str, index: int, keep_masks: bool = False, grounded: bool = False):
+    """Image ``index`` of ``split``: (image ``[S, S, 3]`` uint8, objects, captions); with
+    ``grounded`` also each caption's phrases (``GroundedPhrase`` lists: the objects each names)."""
     rng = image_rng(cfg.seed, split, index)
     image, objects = render_image(cfg, rng, keep_masks=keep_masks)
-    captions = [make_caption(objects, cfg, rng) for _ in range(cfg.captions_per_image)]
+    made = [make_grounded_caption(objects, cfg, rng) for _ in range(cfg.captions_per_image)]
+    captions = [c for c, _ in made]
+    if grounded:
+        return image, objects, captions, [p for _, p in made]
     return image, objects, captions
 
 
 def _render_and_save(args):
     cfg, split, index, image_dir = args
-    image, objects, captions = generate_sample(cfg, split, index)
+    image, objects, captions, phrases = generate_sample(cfg, split, index, grounded=True)
     # lossless; Huffman-only deflate: noisy pixels barely compress, this is 1.5x faster and smaller
     Image.fromarray(image).save(os.path.join(image_dir, file_name(split, index)), compress_level=1,
                                 compress_type=2)
-    return index, [(o.shape, o.color, o.bbox, o.area) for o in objects], captions
+    return index, [(o.shape, o.color, o.bbox, o.area) for o in objects], captions, phrases
 
 
 def _paths(output_dir: str, split: str) -> Dict[str, str]:
     return {"images": os.path.join(output_dir, split),
             "instances": os.path.join(output_dir, "annotations", f"instances_{split}.json"),
-            "captions": os.path.join(output_dir, "annotations", f"captions_{split}.jsonl")}
+            "captions": os.path.join(output_dir, "annotations", f"captions_{split}.jsonl"),
+            "grounding": os.path.join(output_dir, "annotations", f"grounding_{split}.json")}
 
 
 def world_paths(world_dir: str, split: str) -> Dict[str, str]:
-    """Absolute paths of a split: ``images`` (folder), ``instances`` (COCO JSON), ``captions`` (JSONL)."""
+    """Absolute paths of a split: ``images`` (folder), ``instances`` (COCO JSON), ``captions``
+    (JSONL), ``grounding`` (MDETR-style grounding JSON; worlds written before it existed lack it)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
     return _paths(os.path.abspath(world_dir), split)
@@ -107,10 +116,12 @@ def categories_json(cfg: WorldConfig) -> List[dict]:
 
 def generate_split(cfg: WorldConfig, output_dir: str, split: str, num_images: int, workers: int = 1,
                    progress: bool = False) -> dict:
-    """Render ``num_images`` images of ``split`` and write the images, the COCO JSON and the
-    captions JSONL. Novel-category annotations are left out of the ``train`` JSON.
+    """Render ``num_images`` images of ``split`` and write the images, the COCO JSON, the
+    captions JSONL and the grounding JSON (:func:`grounding_json`). Novel-category annotations
+    are left out of the ``train`` JSONs.
 
-    Returns counts: ``{"images", "annotations", "novel_annotations_removed", "captions"}``.
+    Returns counts: ``{"images", "annotations", "novel_annotations_removed", "captions",
+    "grounding_annotations"}``.
     """
     if num_images < 0:
         raise WorldConfigError(f"num_images={num_images} for split {split!r} must be >= 0")
@@ -128,7 +139,7 @@ def generate_split(cfg: WorldConfig, output_dir: str, split: str, num_images: in
         results = [_render_and_save(j) for j in _progress(jobs, num_images, split, progress)]
     cat_ids = {c: i + 1 for i, c in enumerate(cfg.categories)}
     images, annotations, caption_lines, removed = [], [], [], 0
-    for index, objects, captions in results:
+    for index, objects, captions, _ in results:
         image_id = index + 1
         name = file_name(split, index)
         images.append({"id": image_id, "file_name": name, "height": cfg.image_size, "width": cfg.image_size})
@@ -149,8 +160,56 @@ def generate_split(cfg: WorldConfig, output_dir: str, split: str, num_images: in
     with open(paths["captions"], "w") as f:
         for line in caption_lines:
             f.write(json.dumps(line) + "\n")
+    grounding = grounding_json(cfg, split, results)
+    with open(paths["grounding"], "w") as f:
+        json.dump(grounding, f)
     return {"images": len(images), "annotations": len(annotations), "novel_annotations_removed": removed,
-            "captions": len(caption_lines)}
+            "captions": len(caption_lines), "grounding_annotations": len(grounding["annotations"])}
+
+
+def grounding_json(cfg: WorldConfig, split: str, results) -> dict:
+    """The grounding annotations of a split in MDETR's format (read by
+    :func:`regionclip_d2.grounding.data.load_grounding_json`): one image entry per caption
+    (``caption``, ``original_img_id`` = the COCO image id, ``sentence_id``,
+    ``tokens_positive_eval``: the spans of the phrases that have boxes, in order), one
+    annotation per (phrase, object it names): the object's box, its category (the COCO
+    file's ids) and colour, ``tokens_positive`` = the span of the whole phrase ("two red
+    stars", "a small moon"), ``phrase_ids`` = the phrase's index in ``tokens_positive_eval``.
+
+    In ``train``, as in the COCO file, objects of novel shapes get no annotation; the spans
+    of phrases naming them are listed in the entry's ``tokens_withheld`` (named in the
+    caption, boxes withheld), so a grounding loss can leave those tokens out.
+    ``results``: ``(index, [(shape, colour, bbox, area)], captions, phrases)`` per image.
+    """
+    cat_ids = {c: i + 1 for i, c in enumerate(cfg.categories)}
+    entries, annotations = [], []
+    for index, objects, captions, phrases in results:
+        for k, (caption, grounded) in enumerate(zip(captions, phrases)):
+            entry = {"id": len(entries) + 1, "file_name": file_name(split, index), "height": cfg.image_size,
+                     "width": cfg.image_size, "caption": caption, "original_img_id": index + 1, "sentence_id": k,
+                     "dataset_name": "synthetic_world", "tokens_positive_eval": []}
+            withheld = []
+            for phrase in grounded:
+                span = [phrase.start, phrase.end]
+                members = [m for m in phrase.members if not (split == "train" and objects[m][0] in cfg.novel)]
+                if not members:
+                    withheld.append(span)
+                    continue
+                phrase_id = len(entry["tokens_positive_eval"])
+                entry["tokens_positive_eval"].append([span])
+                for m in members:
+                    shape, color, bbox, area = objects[m]
+                    annotations.append({"id": len(annotations) + 1, "image_id": entry["id"],
+                                        "category_id": cat_ids[shape], "bbox": [float(v) for v in bbox],
+                                        "area": float(area), "iscrowd": 0, "color": color,
+                                        "tokens_positive": [span], "phrase_ids": phrase_id})
+            if split == "train":
+                entry["tokens_withheld"] = withheld
+            entries.append(entry)
+    return {"info": {"description": f"synthetic open-vocabulary shapes world, split {split}: phrase grounding "
+                                    "(MDETR format)",
+                     "version": str(WORLD_FORMAT_VERSION), "world_fingerprint": cfg.fingerprint()},
+            "licenses": [], "images": entries, "annotations": annotations, "categories": categories_json(cfg)}
 
 
 def _progress(it, total, split, enabled):
