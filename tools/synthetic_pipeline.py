@@ -45,13 +45,13 @@ PROFILES = {
                  max_rotation=180.0,
                  categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
                  novel="heart,moon,bolt,frame",
-                 clip_steps=380, clip_batch=128, clip_lr=0.004, min_count=30,
-                 rpn_iters=50, rpn_batch=16,
+                 clip_steps=760, clip_batch=128, clip_lr=0.004, min_count=30,
+                 rpn_iters=250, rpn_batch=16,
                  pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.0005, pretrain_optimizer="ADAMW",
                  pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
                  transfer_iters=400, transfer_batch=8, transfer_lr=0.001, focal=0.5, bg_weight=0.2,
-                 transfer_arch="FPN", c4_rows=0,
+                 transfer_arch="FPN", c4_rows=0, transfer_jobs=2,
                  demo_images=4, demo_threshold=0.5),
 }
 
@@ -102,19 +102,38 @@ class Pipeline:
     # ------------------------------------------------------------------ helpers
     def tool(self, name: str, args: List[str], stage: str, log_name: str = None):
         """Run ``tools/<name>`` with ``args``; its output goes to <out>/logs/<stage>.log."""
+        return self.wait_tools([self.start_tool(name, args, stage, log_name)])[0]
+
+    def start_tool(self, name: str, args: List[str], stage: str, log_name: str = None, threads: int = 0):
+        """Start ``tools/<name>`` without waiting (``threads``: its torch/OpenMP threads; 0 = the
+        default); returns a handle for :meth:`wait_tools`."""
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         log_path = os.path.join(self.out, "logs", (log_name or stage) + ".log")
         cmd = [self.python, os.path.join(ROOT, "tools", name)] + [str(a) for a in args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-        with open(log_path, "w") as log:
-            log.write(" ".join(cmd) + "\n\n")
-            log.flush()
-            r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if r.returncode != 0:
-            with open(log_path) as f:
-                tail = "".join(f.readlines()[-25:])
-            raise RuntimeError(f"stage {stage!r} failed ({name} exited with {r.returncode}); log {log_path}:\n{tail}")
-        return log_path
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        log = open(log_path, "w")
+        log.write(" ".join(cmd) + "\n\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return proc, log, log_path, name, stage
+
+    @staticmethod
+    def wait_tools(handles) -> List[str]:
+        """Wait for every started tool; the first that failed raises with its log's tail (the
+        others are still waited for). Returns the log paths."""
+        failed = None
+        for proc, log, log_path, name, stage in handles:
+            code = proc.wait()
+            log.close()
+            if code != 0 and failed is None:
+                with open(log_path) as f:
+                    tail = "".join(f.readlines()[-25:])
+                failed = RuntimeError(f"stage {stage!r} failed ({name} exited with {code}); log {log_path}:\n{tail}")
+        if failed is not None:
+            raise failed
+        return [h[2] for h in handles]
 
     def _stage(self, name, fn):
         t0 = time.time()
@@ -309,20 +328,31 @@ class Pipeline:
     def transfer_one(self, weights: str, tag: str, arch: str = "C4"):
         """One detector trained on base classes from ``weights`` ("" = the world CLIP);
         returns its novel/base/all AP50 on the test split."""
+        self.wait_tools([self.start_transfer(weights, tag, arch)])
+        return self.transfer_result(tag)
+
+    def start_transfer(self, weights: str, tag: str, arch: str = "C4", threads: int = 0):
+        """Start training one transfer detector (see :meth:`transfer_one`) without waiting."""
         p = self.p
         out = os.path.join(self.out, "transfer", tag)
         config = TRANSFER_CONFIGS[arch]
-        self.tool("train_net.py", ["--config-file", config] + self.register_args()
-                  + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", out,
-                     "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
-                     "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
-                     "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
-                     "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"], "MODEL.CLIP.BG_CLS_LOSS_WEIGHT", p["bg_weight"],
-                     "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH", p["transfer_batch"],
-                     "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS", f"({int(p['transfer_iters'] * 0.8)},)",
-                     "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
-                  + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
-                  + self.model_args(), "transfer", log_name=f"transfer_{tag}")
+        return self.start_tool("train_net.py", ["--config-file", config] + self.register_args()
+                               + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)",
+                                  "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
+                                  "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
+                                  "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
+                                  "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
+                                  "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"], "MODEL.CLIP.BG_CLS_LOSS_WEIGHT",
+                                  p["bg_weight"], "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH",
+                                  p["transfer_batch"], "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS",
+                                  f"({int(p['transfer_iters'] * 0.8)},)",
+                                  "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
+                               + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
+                               + self.model_args(), "transfer", log_name=f"transfer_{tag}", threads=threads)
+
+    def transfer_result(self, tag: str) -> Dict:
+        """AP50 (novel/base/all), weights and top-label breakdown of a trained transfer detector."""
+        out = os.path.join(self.out, "transfer", tag)
         with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
             res = json.load(f)["bbox"]
         res["weights"] = os.path.join(out, "model_final.pth")
@@ -350,8 +380,16 @@ class Pipeline:
         return rows
 
     def transfer(self, student_weights):
-        return {label: self.transfer_one(student_weights if tag.startswith("regionclip") else "", tag, arch)
-                for label, tag, arch in self.transfer_rows()}
+        """All transfer detectors, ``transfer_jobs`` at a time (each job gets an equal share of
+        the CPU threads: these detectors scale poorly with threads, so two one-thread jobs
+        finish sooner than two two-thread jobs one after the other)."""
+        rows = self.transfer_rows()
+        jobs = max(1, min(self.p["transfer_jobs"], len(rows)))
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+        for i in range(0, len(rows), jobs):
+            self.wait_tools([self.start_transfer(student_weights if tag.startswith("regionclip") else "", tag, arch,
+                                                 threads=threads) for _, tag, arch in rows[i:i + jobs]])
+        return {label: self.transfer_result(tag) for label, tag, _ in rows}
 
     def demo(self, detector_weights, arch: str = "C4"):
         _, novel, all_names = self.names()

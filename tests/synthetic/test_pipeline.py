@@ -89,3 +89,24 @@ def test_ablation_reuses_the_run_and_changes_only_pretraining(tiny_run):
     assert "CROP_REGION_TYPE: GRID" in cfg and "PRETRAIN_IMG_TXT_LEVEL: false" in cfg
     assert str(out / "world") in cfg  # the run's own world, CLIP and RPN: nothing regenerated
     assert not (out / "ablations" / "grid" / "world").exists()
+
+
+def test_tools_started_together_get_their_threads_and_failures_name_the_log(tmp_path, monkeypatch):
+    """Transfer detectors run as parallel jobs: each job's process sees its thread count, and
+    a failing job raises with its log's tail after the others were waited for."""
+    import synthetic_pipeline
+    from synthetic_pipeline import Pipeline
+
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "threads.py").write_text("import os, sys\nprint('threads', os.environ.get('OMP_NUM_THREADS'))\n"
+                                      "sys.exit(int(sys.argv[1]))\n")
+    monkeypatch.setattr(synthetic_pipeline, "ROOT", str(tmp_path))
+    run = Pipeline(str(tmp_path / "out"), "tiny", 0)
+    logs = run.wait_tools([run.start_tool("threads.py", ["0"], "a", threads=1),
+                           run.start_tool("threads.py", ["0"], "b", threads=1)])
+    assert [open(p).read().splitlines()[-1] for p in logs] == ["threads 1", "threads 1"]
+    with pytest.raises(RuntimeError, match=r"(?s)stage 'bad' failed \(threads.py exited with 3\).*threads 1"):
+        run.wait_tools([run.start_tool("threads.py", ["3"], "bad", threads=1),
+                        run.start_tool("threads.py", ["0"], "good", threads=1)])
+    assert open(tmp_path / "out" / "logs" / "good.log").read().splitlines()[-1] == "threads 1"
