@@ -64,6 +64,18 @@ def tiny_clip(tiny_clip_config):
 
 
 @pytest.fixture
+def tiny_text_encoder(tiny_clip, tiny_clip_config):
+    """The project's LanguageEncoder holding the tiny CLIP's text tower (same weights)."""
+    from regionclip_d2.modeling.text import build_language_encoder
+
+    enc = build_language_encoder("", tiny_clip_config)
+    sd = {k: v for k, v in tiny_clip.state_dict().items() if not k.startswith(("visual.", "logit_scale"))}
+    missing, unexpected = enc.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    return enc
+
+
+@pytest.fixture
 def tiny_vit_config(tmp_path):
     path = tmp_path / "tiny_vit.json"
     path.write_text(json.dumps(TINY_VIT))

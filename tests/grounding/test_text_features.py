@@ -5,19 +5,13 @@ import torch
 
 from regionclip_d2.grounding.prompts import build_class_prompts, caption_prompt
 from regionclip_d2.grounding.text_features import TokenFeatureEncoder, token_features
-from regionclip_d2.modeling.text import build_language_encoder
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32, same operations in another order of slicing
 
 
 @pytest.fixture
-def encoder(tiny_clip, tiny_clip_config):
-    """The project's LanguageEncoder with the tiny CLIP's text weights (context 24, D 64)."""
-    enc = build_language_encoder("", tiny_clip_config)
-    sd = {k: v for k, v in tiny_clip.state_dict().items() if not k.startswith(("visual.", "logit_scale"))}
-    missing, unexpected = enc.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected
-    return enc
+def encoder(tiny_text_encoder):
+    return tiny_text_encoder
 
 
 def test_eot_feature_equals_encode_text_and_tokens_are_projected(tiny_clip, encoder):

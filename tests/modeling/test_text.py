@@ -6,7 +6,6 @@ import torch
 
 from regionclip_d2.modeling.text import (
     LanguageEncoder,
-    build_language_encoder,
     build_tokenizer,
     embed_class_names,
     get_templates,
@@ -15,13 +14,8 @@ from regionclip_d2.modeling.text import (
 
 
 @pytest.fixture
-def encoder(tiny_clip, tiny_clip_config):
-    """A LanguageEncoder holding the tiny CLIP's text tower (same weights)."""
-    enc = build_language_encoder("", tiny_clip_config)
-    sd = {k: v for k, v in tiny_clip.state_dict().items() if not k.startswith(("visual.", "logit_scale"))}
-    missing, unexpected = enc.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected
-    return enc
+def encoder(tiny_text_encoder):
+    return tiny_text_encoder
 
 
 def test_language_encoder_equals_open_clip_encode_text(tiny_clip, encoder):
