@@ -39,14 +39,14 @@ WORLD_KEYS = ("image_size", "max_objects", "min_size", "max_size", "single_min_s
               "single_object_prob", "colour_prob", "max_rotation", "categories", "novel")
 
 PROFILES = {
-    # the demo: all stages in about 16 minutes on 2 CPU cores (fp32, AVX2)
+    # the demo: all stages in about 15 minutes on 2 CPU cores (fp32, AVX2)
     "demo": dict(num_train=3000, num_val=900, num_test=300, image_size=96, max_objects=3, min_size=30,
                  max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.0,
                  max_rotation=180.0,
                  categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
                  novel="heart,moon,bolt,frame",
-                 clip_steps=760, clip_batch=128, clip_lr=0.004, min_count=30,
-                 rpn_iters=250, rpn_batch=16,
+                 clip_steps=640, clip_batch=128, clip_lr=0.004, clip_logit_scale=50.0, min_count=30,
+                 rpn_iters=180, rpn_batch=16,
                  pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.0005, pretrain_optimizer="ADAMW",
                  pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
@@ -192,7 +192,8 @@ class Pipeline:
         p = self.p
         self.tool("train_world_clip.py", ["--world-dir", self.world, "--output-dir", self.clip_dir, "--steps",
                                           p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
-                                          "--seed", self.seed, "--no-progress"], "clip")
+                                          "--seed", self.seed, "--no-progress"]
+                  + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else []), "clip")
         with open(os.path.join(self.clip_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
 
@@ -214,13 +215,23 @@ class Pipeline:
                                               "--output", os.path.join(out, f"{split}.pth")], "classes",
                       log_name=f"classes_{split}")
 
-    def train_rpn(self):
+    def start_rpn(self):
+        """Start training the class-agnostic RPN on base boxes without waiting (it needs only
+        the world, so it runs while the concept pool and class names are embedded)."""
         p = self.p
         out = os.path.join(self.out, "rpn")
-        self.tool("train_net.py", ["--config-file", "configs/synthetic/rpn_R_18_FPN_world.yaml"] + self.register_args()
-                  + ["DATASETS.TRAIN", "('world_train',)", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", p["rpn_iters"],
-                     "SOLVER.IMS_PER_BATCH", p["rpn_batch"], "SOLVER.STEPS", f"({int(p['rpn_iters'] * 0.8)},)",
-                     "SOLVER.WARMUP_ITERS", min(30, p["rpn_iters"] // 4), "SEED", self.seed] + self.size_args(), "rpn")
+        self._rpn_started = time.time()
+        return self.start_tool("train_net.py", ["--config-file", "configs/synthetic/rpn_R_18_FPN_world.yaml"]
+                               + self.register_args()
+                               + ["DATASETS.TRAIN", "('world_train',)", "OUTPUT_DIR", out, "SOLVER.MAX_ITER",
+                                  p["rpn_iters"], "SOLVER.IMS_PER_BATCH", p["rpn_batch"], "SOLVER.STEPS",
+                                  f"({int(p['rpn_iters'] * 0.8)},)", "SOLVER.WARMUP_ITERS",
+                                  min(30, p["rpn_iters"] // 4), "SEED", self.seed] + self.size_args(), "rpn")
+
+    def train_rpn(self, handle=None):
+        """Train the RPN (or wait for the one :meth:`start_rpn` started); returns its weights."""
+        self.wait_tools([handle or self.start_rpn()])
+        self.timings["rpn training (from its start)"] = time.time() - self._rpn_started
         return self.rpn_weights
 
     def pretrain_args(self, out: str) -> List:
@@ -410,9 +421,10 @@ class Pipeline:
         t0 = time.time()
         self._stage("1/11 world: generating images, boxes and captions", self.make_world)
         clip_metrics = self._stage("2/11 clip: training the world's CLIP from scratch", self.train_clip)
+        rpn = self.start_rpn()  # the RPN trains while stages 3 and 4 run
         concepts = self._stage("3/11 concepts: extracting the concept pool", self.concepts)
         self._stage("4/11 classes: embedding base and all class names", self.class_embeddings)
-        self._stage("5/11 rpn: training the RPN on base boxes", self.train_rpn)
+        self._stage("5/11 rpn: training the RPN on base boxes (started before stage 3)", lambda: self.train_rpn(rpn))
         teacher = self._stage("6/11 teacher: pseudo labels on RPN regions", self.teacher_knowledge)
         student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
         zs = self._stage("8/11 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))

@@ -34,6 +34,20 @@ def test_every_stage_ran(tiny_run):
     assert len(list((out / "demo").glob("*.jpg"))) == 2
 
 
+def test_profile_reaches_the_clip_and_the_rpn_overlaps_stages_3_and_4(tiny_run):
+    from synthetic_pipeline import PROFILES
+
+    out, stdout = tiny_run
+    metrics = json.loads((out / "world_clip" / "world_clip_metrics.json").read_text())
+    assert metrics["init_logit_scale"] == PROFILES["tiny"]["clip_logit_scale"] == 50.0
+    assert metrics["steps"] == PROFILES["tiny"]["clip_steps"]
+    timings = json.loads((out / "results.json").read_text())["timings_s"]
+    # the RPN was started before stage 3, so it ran at least as long as stages 3-5 together
+    overlap = sum(v for k, v in timings.items() if k.startswith(("3/11", "4/11", "5/11")))
+    assert timings["rpn training (from its start)"] >= overlap - 1.0
+    assert stdout.index("3/11 concepts") < stdout.index("5/11 rpn")
+
+
 def test_results_table(tiny_run):
     out, _ = tiny_run
     res = json.loads((out / "results.json").read_text())
