@@ -8,11 +8,11 @@ export PYTHONWARNINGS := ignore::FutureWarning
 setup:
 	bash tools/setup/install.sh
 
-# the main job: RegionCLIP end to end in the synthetic world (about 15 min on 2 CPU cores)
+# the main job: RegionCLIP end to end in the synthetic world (14-16 min on 2 CPU cores)
 demo: setup
 	$(PY) tools/synthetic_demo.py --output output/synthetic_demo
 
-# the demo's claims over 3 seeds (mean and standard deviation) and the paper's ablations (about 55 min)
+# the demo's claims over 3 seeds (mean and standard deviation) and the paper's ablations (about 58 min)
 reproduce: setup
 	$(PY) tools/synthetic_reproduce.py --output output/synthetic_reproduce
 
