@@ -12,12 +12,18 @@ Writes <output>/reproduce.md (tables: mean and standard deviation over seeds, th
 reproduce.json and reproduce.png; each run keeps its own folder (seed<N>/, seed<N>/ablations/),
 and a finished run is not repeated when the command is run again.
 
+With --jobs 2 (the default on 2 or more cores) the seeds' pipelines and the ablations run as
+separate processes, two at a time, each with an equal share of the CPU threads (their logs:
+<output>/logs/); the stages that do not use two threads well (data, RPN, transfer) then
+overlap. --jobs 1 runs everything one after another in this process.
+
   python tools/synthetic_reproduce.py --output output/synthetic_reproduce
 """
 import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -29,6 +35,8 @@ ABLATIONS = (
     ("grid regions", dict(pretrain_regions="GRID")),
     ("random regions", dict(pretrain_regions="RANDOM")),
 )
+# the transfer detector again from the first seed's student, without focal scaling
+NO_FOCAL = "no focal scaling"
 ROWS = (("world CLIP", "world CLIP"), ("RegionCLIP student", "RegionCLIP student"))
 
 
@@ -57,7 +65,7 @@ def fmt(pair):
 
 
 def main(argv=None):
-    from synthetic_pipeline import PROFILES, Pipeline, parse_overrides
+    from synthetic_pipeline import PROFILES, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_reproduce", help="output folder (default: %(default)s)")
@@ -67,51 +75,58 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override profile values")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, metavar="SEED",
                     help="run the pretraining ablations on these seeds' worlds too (each one of --seeds; default: "
-                         "the first seed only) and report each ablation minus the world CLIP over them")
+                         "the first seed only) and report each ablation minus the world CLIP over them; the "
+                         "transfer ablation runs on the first of them")
+    names = [n for n, _ in ABLATIONS] + [NO_FOCAL]
     ap.add_argument("--ablations", nargs="+", default=None, metavar="NAME",
-                    help=f"only these pretraining ablations (default: all of {[n for n, _ in ABLATIONS]})")
+                    help=f"only these ablations (default: all of {names})")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="runs at a time, as separate processes with an equal share of the CPU threads "
+                         "(default: %(default)s); 1: one after another in this process")
+    ap.add_argument("--only-ablations", action="store_true",
+                    help="run only the ablations, on seed runs that have finished (what each ablation process "
+                         "of --jobs runs); writes no report")
     args = ap.parse_args(argv)
     ablation_seeds = args.ablation_seeds or args.seeds[:1]
     if not set(ablation_seeds) <= set(args.seeds):
         ap.error(f"--ablation-seeds {ablation_seeds} must be among --seeds {args.seeds}")
-    chosen = args.ablations or [n for n, _ in ABLATIONS]
-    unknown = [n for n in chosen if n not in dict(ABLATIONS)]
+    chosen = args.ablations or names
+    unknown = [n for n in chosen if n not in names]
     if unknown:
-        ap.error(f"--ablations {unknown}: use names from {[n for n, _ in ABLATIONS]}")
+        ap.error(f"--ablations {unknown}: use names from {names}")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: use 1 or more")
     try:
         overrides = parse_overrides(args.set, args.profile)
     except ValueError as e:
         ap.error(f"--set {e}")
     t0 = time.time()
     os.makedirs(args.output, exist_ok=True)
+    if args.only_ablations:
+        missing = [s for s in ablation_seeds if not os.path.isfile(seed_results(args.output, s))]
+        if missing:
+            ap.error(f"--only-ablations: seeds {missing} have not finished (no {seed_results(args.output, missing[0])})"
+                     ": run them first (without --only-ablations)")
+        run_ablations(args, overrides, ablation_seeds, chosen)
+        return 0
+    if args.jobs > 1:
+        failed = run_in_processes(args, ablation_seeds, chosen)
+        if failed:
+            print("synthetic_reproduce: " + "; ".join(failed), file=sys.stderr)
+            return 1
     runs = {}
     for i, seed in enumerate(args.seeds):
-        out = os.path.join(args.output, f"seed{seed}")
-        print(f"=== seed {seed} ({i + 1}/{len(args.seeds)}) ===", flush=True)
-        pipe = Pipeline(out, args.profile, seed, overrides)
-        path = os.path.join(out, "results.json")
-        runs[seed] = json.load(open(path)) if os.path.isfile(path) else pipe.run()
-    ablations, by_seed = {}, {}
-    if not args.no_ablations:
-        for seed in ablation_seeds:
-            pipe = Pipeline(os.path.join(args.output, f"seed{seed}"), args.profile, seed, overrides)
-            os.makedirs(os.path.join(pipe.out, "ablations"), exist_ok=True)
-            by_seed[seed] = {}
-            for name, ov in ABLATIONS:
-                if name not in chosen:
-                    continue
-                print(f"=== ablation: {name} (seed {seed}) ===", flush=True)
-                tag = name.replace(" ", "_").replace("+", "plus")
-                by_seed[seed][name] = cached(os.path.join(pipe.out, "ablations", tag + ".json"),
-                                             lambda ov=ov, tag=tag, pipe=pipe: pipe.ablation(tag, ov,
-                                                                                             zero_shot_only=True))
-        first = Pipeline(os.path.join(args.output, f"seed{args.seeds[0]}"), args.profile, args.seeds[0], overrides)
-        ablations = dict(by_seed.get(args.seeds[0], {}))
-        print("=== ablation: no focal scaling ===", flush=True)
-        ablations["no focal scaling (transfer)"] = cached(
-            os.path.join(first.out, "ablations", "no_focal.json"),
-            lambda: first.ablation("no_focal", dict(focal=0.0), transfer_only=True))
-    md = report(runs, ablations, args, time.time() - t0) + seed_ablation_report(runs, by_seed)
+        path = seed_results(args.output, seed)
+        if not os.path.isfile(path):
+            from synthetic_pipeline import Pipeline
+
+            print(f"=== seed {seed} ({i + 1}/{len(args.seeds)}) ===", flush=True)
+            Pipeline(os.path.dirname(path), args.profile, seed, overrides).run()
+        with open(path) as f:
+            runs[seed] = json.load(f)
+    ablations, by_seed = ({}, {}) if args.no_ablations else run_ablations(args, overrides, ablation_seeds, chosen)
+    md = (report(runs, ablations, args, time.time() - t0, ablation_seeds[0])
+          + seed_ablation_report(runs, by_seed))
     with open(os.path.join(args.output, "reproduce.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.output, "reproduce.json"), "w") as f:
@@ -123,7 +138,102 @@ def main(argv=None):
     return 0
 
 
-def report(runs, ablations, args, seconds):
+def seed_results(output: str, seed: int) -> str:
+    return os.path.join(output, f"seed{seed}", "results.json")
+
+
+def ablation_cache(output: str, seed: int, name: str) -> str:
+    tag = "no_focal" if name == NO_FOCAL else name.replace(" ", "_").replace("+", "plus")
+    return os.path.join(output, f"seed{seed}", "ablations", tag + ".json")
+
+
+def ablation_plan(args, ablation_seeds, chosen):
+    """(seed, name) of each ablation to run: the chosen pretraining ablations on every
+    ablation seed, the transfer ablation on the first."""
+    plan = [(s, n) for s in ablation_seeds for n, _ in ABLATIONS if n in chosen]
+    return plan + ([(ablation_seeds[0], NO_FOCAL)] if NO_FOCAL in chosen else [])
+
+
+def run_ablations(args, overrides, ablation_seeds, chosen):
+    """The ablations in this process (a finished one is read from its JSON file); returns
+    (the first ablation seed's results by name, the pretraining ablations by seed)."""
+    from synthetic_pipeline import Pipeline
+
+    settings = dict(ABLATIONS)
+    by_seed = {s: {} for s in ablation_seeds}
+    first = {}
+    for seed, name in ablation_plan(args, ablation_seeds, chosen):
+        pipe = Pipeline(os.path.join(args.output, f"seed{seed}"), args.profile, seed, overrides)
+        os.makedirs(os.path.join(pipe.out, "ablations"), exist_ok=True)
+        print(f"=== ablation: {name} (seed {seed}) ===", flush=True)
+        if name == NO_FOCAL:
+            first[name + " (transfer)"] = cached(
+                ablation_cache(args.output, seed, name),
+                lambda pipe=pipe: pipe.ablation("no_focal", dict(focal=0.0), transfer_only=True))
+            continue
+        tag = os.path.splitext(os.path.basename(ablation_cache(args.output, seed, name)))[0]
+        by_seed[seed][name] = cached(ablation_cache(args.output, seed, name),
+                                     lambda pipe=pipe, tag=tag, ov=settings[name]: pipe.ablation(tag, ov,
+                                                                                                 zero_shot_only=True))
+    return dict(by_seed[ablation_seeds[0]], **first), by_seed
+
+
+def run_in_processes(args, ablation_seeds, chosen) -> list:
+    """The seeds' pipelines (tools/synthetic_demo.py), then each ablation once its seed has
+    finished (this script with --only-ablations), ``args.jobs`` processes at a time, each with
+    ``cpu_count // jobs`` threads; logs in <output>/logs/. Returns what failed."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    common = ["--profile", args.profile] + (["--set"] + args.set if args.set else [])
+    here = os.path.dirname(os.path.abspath(__file__))
+    tasks, done = [], set()
+    for seed in args.seeds:
+        if os.path.isfile(seed_results(args.output, seed)):
+            done.add(f"seed {seed}")
+        else:
+            tasks.append((f"seed {seed}", [sys.executable, os.path.join(here, "synthetic_demo.py"), "--output",
+                                           os.path.join(args.output, f"seed{seed}"), "--seed", str(seed)] + common,
+                          None))
+    if not args.no_ablations:
+        for seed, name in ablation_plan(args, ablation_seeds, chosen):
+            if not os.path.isfile(ablation_cache(args.output, seed, name)):
+                tasks.append((f"ablation {name} (seed {seed})",
+                              [sys.executable, os.path.abspath(__file__), "--output", args.output, "--seeds", str(seed),
+                               "--only-ablations", "--jobs", "1", "--ablations", name] + common, f"seed {seed}"))
+    logs = os.path.join(args.output, "logs")
+    os.makedirs(logs, exist_ok=True)
+    running, failed = {}, []
+    while tasks or running:
+        for task in list(tasks):
+            name, cmd, after = task
+            if after is not None and any(f.startswith(after + ":") for f in failed):
+                tasks.remove(task)
+                failed.append(f"{name}: not run ({after} failed)")
+            elif len(running) < args.jobs and (after is None or after in done):
+                tasks.remove(task)
+                log_path = os.path.join(logs, name.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
+                log = open(log_path, "w")
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                 log_path, time.time())
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: started ({threads} thread(s); log {log_path})",
+                      flush=True)
+        time.sleep(1)
+        for name, (proc, log, log_path, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            minutes = (time.time() - start) / 60
+            if proc.returncode == 0:
+                done.add(name)
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {minutes:.1f} min", flush=True)
+            else:
+                failed.append(f"{name}: exit code {proc.returncode} after {minutes:.1f} min, log {log_path}")
+                print(f"[{time.strftime('%H:%M:%S')}] {failed[-1]}", flush=True)
+    return failed
+
+
+def report(runs, ablations, args, seconds, s0=None):
     seeds = list(runs)
     md = ["# RegionCLIP in the synthetic world: seeds and ablations", "",
           f"Seeds {', '.join(map(str, seeds))} (`{' '.join(['python tools/synthetic_reproduce.py'] + sys.argv[1:])}`), "
@@ -145,7 +255,7 @@ def report(runs, ablations, args, seconds):
            "Teacher pseudo-label accuracy on RPN regions overlapping a box: "
            + fmt(mean_std([runs[s]["teacher"]["accuracy"] for s in seeds])) + "%."]
     if ablations:
-        s0 = seeds[0]
+        s0 = seeds[0] if s0 is None else s0
         full = runs[s0]["zero_shot"]["RegionCLIP student"]
         teacher = runs[s0]["zero_shot"]["world CLIP"]
         md += ["", f"Ablations (seed {s0}; pretraining changed, then zero-shot GT-box accuracy):", "",
@@ -159,13 +269,14 @@ def report(runs, ablations, args, seconds):
                 continue
             z = ablations[name]["zero_shot"]
             md.append(f"| {name} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} |")
-        t_focal = runs[s0]["transfer"]["RegionCLIP student"]
-        t_nofocal = ablations["no focal scaling (transfer)"]["transfer"]
-        md += ["", "| transfer from the student | AP50 novel | base | all |", "|---|---|---|---|",
-               f"| focal scaling gamma 0.5 (default) | {t_focal['AP50-novel']:.1f} | {t_focal['AP50-base']:.1f} | "
-               f"{t_focal['AP50-all']:.1f} |",
-               f"| no focal scaling | {t_nofocal['AP50-novel']:.1f} | {t_nofocal['AP50-base']:.1f} | "
-               f"{t_nofocal['AP50-all']:.1f} |"]
+        nofocal = ablations.get(NO_FOCAL + " (transfer)")
+        if nofocal:
+            t_focal, t_nofocal = runs[s0]["transfer"]["RegionCLIP student"], nofocal["transfer"]
+            md += ["", "| transfer from the student | AP50 novel | base | all |", "|---|---|---|---|",
+                   f"| focal scaling gamma 0.5 (default) | {t_focal['AP50-novel']:.1f} | {t_focal['AP50-base']:.1f} | "
+                   f"{t_focal['AP50-all']:.1f} |",
+                   f"| no focal scaling | {t_nofocal['AP50-novel']:.1f} | {t_nofocal['AP50-base']:.1f} | "
+                   f"{t_nofocal['AP50-all']:.1f} |"]
     return md
 
 

@@ -124,3 +124,28 @@ def test_tools_started_together_get_their_threads_and_failures_name_the_log(tmp_
         run.wait_tools([run.start_tool("threads.py", ["3"], "bad", threads=1),
                         run.start_tool("threads.py", ["0"], "good", threads=1)])
     assert open(tmp_path / "out" / "logs" / "good.log").read().splitlines()[-1] == "threads 1"
+
+
+def test_reproduce_runs_ablations_as_parallel_processes_on_a_finished_seed(tiny_run, tmp_path):
+    """make reproduce's --jobs 2: a finished seed is not run again; its ablations run as two
+    processes at once, with one thread each, and the report gathers their results."""
+    import shutil
+
+    out, _ = tiny_run
+    repro = tmp_path / "repro"
+    shutil.copytree(out, repro / "seed0", symlinks=True)
+    r = subprocess.run([sys.executable, "tools/synthetic_reproduce.py", "--profile", "tiny", "--output", str(repro),
+                        "--seeds", "0", "--jobs", "2", "--ablations", "distillation only", "no focal scaling"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "seed 0: started" not in r.stdout  # finished before: not repeated
+    started = [line for line in r.stdout.splitlines() if ": started (1 thread(s)" in line]
+    assert len(started) == 2, r.stdout
+    logs = sorted(os.listdir(repro / "logs"))
+    assert logs == ["ablation_distillation_only_seed_0.log", "ablation_no_focal_scaling_seed_0.log"]
+    md = (repro / "reproduce.md").read_text()
+    assert "| distillation only |" in md and "| no focal scaling |" in md and "| grid regions |" not in md
+    data = json.loads((repro / "reproduce.json").read_text())
+    assert set(data["ablations"]) == {"distillation only", "no focal scaling (transfer)"}
+    cfg = (repro / "seed0" / "ablations" / "distillation_only" / "pretrain" / "config.yaml").read_text()
+    assert "PRETRAIN_LOSS_WEIGHTS:\n    - 0\n    - 1\n    - 0\n" in cfg  # the ablation's own setting

@@ -46,3 +46,13 @@ def test_top_label_lines():
     assert lines[1] == ("- world CLIP: base objects (4): right 25%, another base class 25%, a novel class 50% "
                         "(bolt 2); novel objects (1): right 100%, another novel class 0%, a base class 0%; "
                         "no detection 1.")
+
+
+def test_only_ablations_needs_finished_seeds(tmp_path, capsys):
+    from synthetic_reproduce import main
+
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path), "--seeds", "3", "--only-ablations"])
+    assert "seeds [3] have not finished" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path), "--jobs", "0"])
