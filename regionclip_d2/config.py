@@ -74,6 +74,19 @@ def add_regionclip_config(cfg):
     cs.POOLER_SAMPLING_RATIO = 0  # student RoIAlign samples per bin side (0 = adaptive, ceil(bin size))
     cs.TEACHER_INPUT_SIZE = 0  # side of the crops the teacher sees (0 = the ViT's native image size)
     cs.TEACHER_SAMPLING_RATIO = 0  # crop resizing (RoIAlign on the image) samples per pixel side (0 = adaptive)
+    # --- grounding head (GLIP): the box predictor scores regions against a prompt's tokens ---
+    _C.MODEL.GROUNDING = CN()
+    g = _C.MODEL.GROUNDING
+    g.ENABLED = False  # the CLIP detectors' box predictor becomes regionclip_d2.grounding.GroundingPredictor
+    g.TEXT_DIM = 0  # width of the token features (0 = MODEL.CLIP.TEXT_EMB_DIM)
+    g.FUSION_LAYERS = 1  # L bidirectional cross-attention layers between regions and tokens (0 = late fusion)
+    g.ALIGN_DIM = 256  # width of the alignment space and of the fusion attention
+    g.FUSION_HEADS = 8
+    g.PRIOR_PROB = 0.01  # initial token probability (the alignment bias)
+    g.REDUCE = "mean"  # a class's score from its tokens' probabilities: mean | max
+    g.FOCAL_ALPHA = 0.25  # sigmoid focal loss over tokens
+    g.FOCAL_GAMMA = 2.0
+    g.TRAIN_TEXT = False  # the text tower learns (default: frozen token features)
     # --- optimiser ---
     _C.SOLVER.OPTIMIZER = "SGD"  # SGD (detectron2's, momentum SOLVER.MOMENTUM) | ADAMW (betas 0.9/0.999)
     # --- reliability of training runs ---

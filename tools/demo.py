@@ -180,6 +180,7 @@ def main(argv=None):
         inst = inst[inst.scores >= thresholds[inst.pred_classes]]
         scale = max(1.0, 512.0 / max(image.shape[:2]))  # small images are drawn larger, so labels stay legible
         vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
+        vis._default_font_size *= 2  # detectron2 sizes labels for photos; at 512 px they were hard to read
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
         drawn = vis.overlay_instances(boxes=inst.pred_boxes.tensor.numpy(), labels=labels)
         drawn.save(os.path.join(args.output, stem + ".jpg"))

@@ -45,8 +45,9 @@ PROFILES = {
                  max_rotation=180.0,
                  categories="circle,square,triangle,star,cross,ring,arrow,diamond,heart,moon,bolt,frame",
                  novel="heart,moon,bolt,frame",
-                 clip_steps=640, clip_batch=128, clip_lr=0.004, clip_logit_scale=50.0, min_count=30,
-                 rpn_iters=180, rpn_batch=16,
+                 clip_steps=640, clip_batch=128, clip_lr=0.004, clip_logit_scale=50.0, clip_warmup=100,
+                 min_count=30,
+                 rpn_iters=140, rpn_batch=16,
                  pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.0005, pretrain_optimizer="ADAMW",
                  pretrain_regions="RPN",
                  pretrain_loss_weights="1,1,1",
@@ -57,8 +58,8 @@ PROFILES = {
 
 # the test suite: every stage, tiny
 PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16,
-                        min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4, transfer_iters=4,
-                        transfer_batch=4, demo_images=2, c4_rows=1)
+                        clip_warmup=0, min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4,
+                        transfer_iters=4, transfer_batch=4, demo_images=2, c4_rows=1)
 
 # the transfer detectors: (row label, output tag, initialisation); the main rows use the
 # profile's transfer_arch, and with c4_rows (when that is FPN) the C4 design adds its rows
@@ -193,7 +194,8 @@ class Pipeline:
         self.tool("train_world_clip.py", ["--world-dir", self.world, "--output-dir", self.clip_dir, "--steps",
                                           p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
                                           "--seed", self.seed, "--no-progress"]
-                  + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else []), "clip")
+                  + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else [])
+                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []), "clip")
         with open(os.path.join(self.clip_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
 

@@ -80,6 +80,11 @@ class CLIPFastRCNN(TwoBranchModel):
                               rpn_weights_file=rpn_weights_file)
         if hasattr(self.roi_heads, "set_region_encoder"):  # C4: res5 + attention pool are the backbone's
             self.roi_heads.set_region_encoder(self.clip_resnet.encode_pooled_regions)
+        if hasattr(self.roi_heads.box_predictor, "set_token_encoder"):  # grounding: prompt tokens from the text tower
+            if lang_encoder is None:
+                raise ValueError("MODEL.GROUNDING.ENABLED needs the CLIP text tower: set MODEL.CLIP.OPENCLIP_MODEL "
+                                 "(or OPENCLIP_MODEL_CONFIG) so the detector builds its language encoder")
+            self.roi_heads.box_predictor.set_token_encoder(lang_encoder)
         self.register_load_state_dict_post_hook(_text_encoder_loaded)
         for train, vocab in ((True, train_vocabulary), (False, test_vocabulary)):
             if torch.is_tensor(vocab):

@@ -17,10 +17,20 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads, StandardROIHeads
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 
 from ..poolers import thread_roi_align
 from .ov_predictor import OpenVocabularyPredictor
+
+
+def build_box_predictor(cfg, input_shape: ShapeSpec) -> OpenVocabularyPredictor:
+    """The open-vocabulary predictor, or with ``MODEL.GROUNDING.ENABLED`` the grounding head
+    (regions scored against the prompt's tokens)."""
+    if cfg.MODEL.GROUNDING.ENABLED:
+        from ...grounding.predictor import GroundingPredictor
+
+        return GroundingPredictor(cfg, input_shape)
+    return OpenVocabularyPredictor(cfg, input_shape)
 
 
 def encode_in_chunks(fn: Callable, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -62,7 +72,7 @@ class CLIPRes5ROIHeads(ROIHeads):
                                               scales=(1.0 / input_shape[in_features[0]].stride,),
                                               sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
                                               pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)),
-            box_predictor=OpenVocabularyPredictor(cfg, ShapeSpec(channels=cfg.MODEL.CLIP.TEXT_EMB_DIM)),
+            box_predictor=build_box_predictor(cfg, ShapeSpec(channels=cfg.MODEL.CLIP.TEXT_EMB_DIM)),
             region_chunk_size=cfg.MODEL.CLIP.REGION_CHUNK_SIZE,
         )
         return ret
@@ -98,7 +108,7 @@ class CLIPRes5ROIHeads(ROIHeads):
                 raise ValueError("training needs ground-truth instances")
             proposals = self.label_and_sample_proposals(proposals, targets)
         feats = self.region_features(features, [p.proposal_boxes for p in proposals])
-        predictions = self.box_predictor(feats)
+        predictions = self.box_predictor(feats, [len(p) for p in proposals])
         if self.training:
             return [], self.box_predictor.losses(predictions, proposals)
         instances, _ = self.box_predictor.inference(predictions, proposals)
@@ -113,8 +123,22 @@ class CLIPStandardROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
         thread_roi_align(ret["box_pooler"])
-        ret["box_predictor"] = OpenVocabularyPredictor(cfg, ret["box_head"].output_shape)
+        ret["box_predictor"] = build_box_predictor(cfg, ret["box_head"].output_shape)
         return ret
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        """detectron2's box branch, with the regions per image passed to the predictor."""
+        x = self.box_pooler([features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals])
+        predictions = self.box_predictor(self.box_head(x), [len(p) for p in proposals])
+        if not self.training:
+            return self.box_predictor.inference(predictions, proposals)[0]
+        losses = self.box_predictor.losses(predictions, proposals)
+        if self.train_on_pred_boxes:  # as detectron2 does (after the losses: the proposals change in place)
+            with torch.no_grad():
+                pred = self.box_predictor.predict_boxes_for_gt_classes(predictions, proposals)
+                for p, boxes in zip(proposals, pred):
+                    p.proposal_boxes = Boxes(boxes)
+        return losses
 
     def encode_boxes(self, features, boxes) -> torch.Tensor:
         """``[R, D]`` text-space embeddings (not normalised) of ``boxes`` (a list of Boxes,

@@ -124,8 +124,9 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
         """``[R, D]`` embeddings -> ``[R, C+1]`` logits against the active vocabulary."""
         return self.cls_score(emb)
 
-    def forward(self, x: torch.Tensor):
-        """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas)."""
+    def forward(self, x: torch.Tensor, counts=None):
+        """``[R, D]`` region features -> (``[R, C+1]`` logits, ``[R, 4]`` deltas). ``counts``
+        (regions per image) is for predictors that relate an image's regions (grounding)."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         self.cls_score.embeddings()  # fail before any work when there is no vocabulary

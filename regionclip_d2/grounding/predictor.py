@@ -1,0 +1,245 @@
+"""The grounding head as the box predictor of the CLIP detectors (C4 and FPN).
+
+``MODEL.GROUNDING.ENABLED`` swaps the open-vocabulary predictor (region embeddings
+against class text embeddings) for :class:`GroundingPredictor`: the vocabulary becomes a
+prompt ("circle. star. moon."), a region's class scores come from its alignment with the
+prompt's tokens (``S = O P^T`` with a learned scale and bias, a class's probability the
+mean or max of its tokens' sigmoid probabilities), trained with the sigmoid focal loss
+against token-level targets. ``MODEL.GROUNDING.FUSION_LAYERS`` (``L``) layers of
+bidirectional cross-attention run between each image's region embeddings and the prompt's
+tokens before the alignment (``L = 0``: late fusion).
+
+Why fusion on the region features and not on the feature map (GLIP fuses on its FPN
+levels): in these detectors localisation comes from a separate, frozen RPN branch, so
+text-conditioned feature maps could not change which regions are proposed; what fusion
+can change is how each region is classified, and the regions' pooled embeddings are that
+(the same for C4 and FPN, where a feature map is res4 for one and five levels for the
+other). It is also far cheaper: ``R x T`` attention for R regions instead of ``HW x T``.
+
+A long vocabulary is split into prompts that fit the text tower's context
+(:func:`~regionclip_d2.grounding.prompts.build_class_prompts`), each scored on its own and
+merged, at inference; training needs the training vocabulary in one prompt. A caption
+(:meth:`GroundingPredictor.set_caption`) replaces the vocabulary at inference: its noun
+phrases become the classes.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
+
+from ..modeling.roi_heads.ov_predictor import OpenVocabularyPredictor
+from .head import DeepFusion, RegionTokenAlignment, class_scores, grounding_focal_loss, token_targets
+from .prompts import GroundingPrompt, build_class_prompts, caption_prompt, merge_chunk_scores
+from .text_features import TokenFeatureEncoder
+
+__all__ = ["GroundingPredictor", "NoTokenEncoderError"]
+
+logger = logging.getLogger(__name__)
+
+
+class NoTokenEncoderError(RuntimeError):
+    pass
+
+
+def split_regions(x: torch.Tensor, counts: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[R, D]`` regions of several images (``counts`` per image, in order) ->
+    (``[N, max_count, D]`` zero-padded, ``[N, max_count]`` True at real regions)."""
+    counts = [int(c) for c in counts]
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"region counts {counts} sum to {sum(counts)} but there are {x.shape[0]} regions")
+    n, m = len(counts), max(counts, default=0)
+    out = x.new_zeros(n, m, x.shape[-1])
+    mask = torch.zeros(n, m, dtype=torch.bool, device=x.device)
+    start = 0
+    for i, c in enumerate(counts):
+        out[i, :c] = x[start:start + c]
+        mask[i, :c] = True
+        start += c
+    return out, mask
+
+
+class GroundingPredictor(OpenVocabularyPredictor):
+    """Box predictor that scores regions against a prompt's tokens (GLIP's grounding head).
+
+    Inherits the region embedding (``embed``: the C4 attention-pool output, or the FPN box
+    head's projection into the text space), the class-agnostic box regression, the
+    vocabularies (train / test, set by config or ``set_vocabulary``; only their *names* are
+    used) and the post-processing of :class:`OpenVocabularyPredictor`.
+
+    Args (besides the parent's):
+        text_dim: width of the token features (the text tower's joint-space width).
+        fusion_layers: ``L`` bidirectional cross-attention layers (0 = late fusion).
+        align_dim: width of the alignment space and of the fusion attention.
+        fusion_heads: attention heads per fusion layer.
+        prior_prob: initial token probability (the alignment bias's start).
+        reduce: a class's score from its tokens: ``"mean"`` or ``"max"``.
+        focal_alpha, token_focal_gamma: the sigmoid focal loss over tokens.
+        train_text: the text tower learns (off by default: frozen token features).
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, embed_dim: int, text_dim: int, fusion_layers: int = 0, align_dim: int = 256,
+                 fusion_heads: int = 8, prior_prob: float = 0.01, reduce: str = "mean", focal_alpha: float = 0.25,
+                 token_focal_gamma: float = 2.0, train_text: bool = False, **kwargs):
+        super().__init__(input_shape, embed_dim=embed_dim, **kwargs)
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"MODEL.GROUNDING.REDUCE={reduce!r}: use 'mean' or 'max'")
+        # (``self.fusion`` is the parent's RPN-score fusion mode)
+        self.deep_fusion = DeepFusion(embed_dim, text_dim, num_layers=fusion_layers, embed_dim=align_dim,
+                                      num_heads=fusion_heads)
+        self.align = RegionTokenAlignment(embed_dim, text_dim, dim=align_dim, prior_prob=prior_prob)
+        self.text_dim = text_dim
+        self.reduce = reduce
+        self.focal_alpha = focal_alpha
+        self.token_focal_gamma = token_focal_gamma
+        self.train_text = train_text
+        self.token_encoder: Optional[TokenFeatureEncoder] = None
+        self._prompts: Dict[tuple, List[GroundingPrompt]] = {}
+        self.caption: Optional[GroundingPrompt] = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        g = cfg.MODEL.GROUNDING
+        ret.update(text_dim=g.TEXT_DIM or cfg.MODEL.CLIP.TEXT_EMB_DIM, fusion_layers=g.FUSION_LAYERS,
+                   align_dim=g.ALIGN_DIM, fusion_heads=g.FUSION_HEADS, prior_prob=g.PRIOR_PROB, reduce=g.REDUCE,
+                   focal_alpha=g.FOCAL_ALPHA, token_focal_gamma=g.FOCAL_GAMMA, train_text=g.TRAIN_TEXT)
+        return ret
+
+    # ---- text side ----
+    def set_token_encoder(self, encoder: nn.Module):
+        """The text tower whose per-token outputs are the prompt features (the detector's
+        ``lang_encoder``; CLIPFastRCNN sets it when it is built). Not a submodule: its weights
+        keep the detector's ``lang_encoder.*`` keys."""
+        tfe = TokenFeatureEncoder(encoder, trainable=self.train_text)
+        if tfe.embed_dim != self.text_dim:
+            raise ValueError(f"the text tower's token features have dim {tfe.embed_dim} but the grounding head "
+                             f"expects {self.text_dim}: set MODEL.GROUNDING.TEXT_DIM (or MODEL.CLIP.TEXT_EMB_DIM) "
+                             "to the CLIP model's embedding width")
+        object.__setattr__(self, "token_encoder", tfe)  # plain attribute, not a registered submodule
+        self._prompts.clear()
+
+    def _encoder(self) -> TokenFeatureEncoder:
+        if self.token_encoder is None:
+            raise NoTokenEncoderError("the grounding head has no text tower: call set_token_encoder(the detector's "
+                                      "lang_encoder) (CLIPFastRCNN does this when MODEL.GROUNDING.ENABLED is set)")
+        return self.token_encoder
+
+    def set_caption(self, caption: Optional[str], max_phrase_words: Optional[int] = None) -> Optional[List[str]]:
+        """Ground a free caption at the next inferences: its noun phrases become the classes
+        (class ``i`` = phrase ``i``); ``None`` goes back to the class vocabulary. Returns the
+        phrases. Raises ``NoPhraseError`` for an empty caption or one without a noun phrase and
+        ``PromptTooLongError`` for one longer than the text tower's context."""
+        if caption is None:
+            self.caption = None
+            return None
+        enc = self._encoder()
+        self.caption = caption_prompt(caption, enc.encoder.tokenizer, enc.context_length, max_phrase_words)
+        return list(self.caption.phrases)
+
+    def prompts(self) -> List[GroundingPrompt]:
+        """The prompts of the active vocabulary (or the caption), cached by names."""
+        if self.caption is not None and not self.training:
+            return [self.caption]
+        names = self.cls_score.active().names
+        if not names:
+            raise ValueError("the grounding head needs class names, but the vocabulary was given as embeddings "
+                             "only: set it with names (model.set_vocabulary(['cat', 'dog']), MODEL.CLIP.VOCABULARY) "
+                             "or pass names= with the tensor")
+        key = tuple(names)
+        if key not in self._prompts:
+            enc = self._encoder()
+            self._prompts[key] = build_class_prompts(names, enc.encoder.tokenizer, enc.context_length)
+        return self._prompts[key]
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        if self.caption is not None and not self.training:
+            return list(self.caption.phrases)
+        return super().class_names
+
+    @property
+    def num_classes(self) -> int:
+        if self.caption is not None and not self.training:
+            return len(self.caption)
+        return self.cls_score.num_classes()
+
+    @num_classes.setter
+    def num_classes(self, value):
+        pass
+
+    # ---- forward ----
+    def token_logits(self, emb: torch.Tensor, counts: Sequence[int], prompt: GroundingPrompt) -> torch.Tensor:
+        """``[R, D]`` region embeddings of images holding ``counts`` regions each -> ``[R, T]``
+        token logits against ``prompt`` (after the fusion layers, per image)."""
+        feats = self._encoder().encode_prompts([prompt])
+        tokens, mask = feats["tokens"].to(emb.device, emb.dtype), feats["mask"].to(emb.device)
+        v, vmask = split_regions(emb, counts)
+        n = v.shape[0]
+        t = tokens.expand(n, -1, -1)
+        tm = mask.expand(n, -1)
+        v, t = self.deep_fusion(v, t, tm, vmask)
+        logits = self.align(v, t, tm)  # [N, max_count, T]
+        return logits[vmask]
+
+    def forward(self, x: torch.Tensor, counts: Optional[Sequence[int]] = None):
+        """``[R, ...]`` region features (``counts`` per image; default: one image) ->
+        (training: ``[R, T]`` token logits of the one training prompt; inference: ``[R, C]``
+        class probabilities over the active vocabulary or the caption's phrases) and
+        ``[R, 4]`` deltas."""
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        counts = [x.shape[0]] if counts is None else list(counts)
+        prompts = self.prompts()
+        deltas = self.bbox_pred(x).float()
+        emb = self.embed(x)
+        if self.training:
+            if len(prompts) != 1:
+                raise ValueError(f"the training vocabulary needs {len(prompts)} prompts but training takes one: use "
+                                 "fewer or shorter class names, or a text tower with a longer context")
+            return self.token_logits(emb, counts, prompts[0]), deltas
+        chunk = []
+        for p in prompts:
+            pm = p.positive_map().to(emb.device)
+            chunk.append(class_scores(self.token_logits(emb, counts, p).float(), pm, self.reduce))
+        probs = chunk[0] if len(prompts) == 1 and self.caption is not None else \
+            merge_chunk_scores(chunk, prompts, num_classes=self.num_classes, fill=0.0)
+        return probs, deltas
+
+    # ---- training ----
+    def losses(self, predictions, proposals):
+        logits, deltas = predictions
+        prompt = self.prompts()[0]
+        gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else \
+            torch.empty(0, dtype=torch.long, device=logits.device)
+        num_classes = self.num_classes
+        _log_classification_stats(torch.zeros(len(gt_classes), num_classes + 1, device=logits.device), gt_classes)
+        # the prompt's phrases are the classes in its label order (one prompt: 0..C-1)
+        pm = torch.zeros(num_classes, logits.shape[-1], device=logits.device)
+        pm[torch.tensor(prompt.labels, device=logits.device)] = prompt.positive_map().to(logits.device)
+        targets = token_targets(gt_classes, pm)
+        mask = self._encoder().encode_prompts([prompt])["mask"][0].to(logits.device)
+        if len(proposals):
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0)
+        else:
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
+        return {
+            "loss_grounding": grounding_focal_loss(logits, targets, mask, self.focal_alpha, self.token_focal_gamma),
+            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
+        }
+
+    # ---- inference ----
+    def predict_probs(self, predictions, proposals):
+        probs, _ = predictions
+        probs = torch.cat([probs, probs.new_zeros(probs.shape[0], 1)], dim=1)  # a background column, dropped later
+        if self.fusion != "none" and len(proposals) and proposals[0].has("objectness_logits"):
+            obj = cat([p.objectness_logits for p in proposals]).float()[:, None]
+            probs = torch.sqrt(torch.sigmoid(obj) * probs) if self.fusion == "geometric" else \
+                torch.sqrt(obj * probs)
+        return probs.split([len(p) for p in proposals], dim=0)
