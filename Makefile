@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PY) tools/synthetic_demo.py --output output/synthetic_demo
 
-# the demo's claims over 3 seeds (mean and standard deviation) and the paper's ablations (about 58 min)
+# the demo's claims over 3 seeds (mean and standard deviation) and the paper's ablations, two runs at a time
 reproduce: setup
 	$(PY) tools/synthetic_reproduce.py --output output/synthetic_reproduce
 

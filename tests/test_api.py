@@ -380,3 +380,34 @@ def test_demo_per_class_thresholds(tiny_clip_config, tmp_path):
     with pytest.raises(SystemExit, match="must hold one JSON object"):
         main(base + ["--output", str(tmp_path / "o"), "--class-thresholds", str(tmp_path / "list.json")])
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_grounds_a_caption(tiny_clip_config, tmp_path):
+    """tools/demo.py --caption on a grounding detector: the caption's phrases are the classes, the
+    JSON names each detection's phrase and span; without the grounding head, or with a caption
+    that has no noun phrase, a one-line error."""
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from demo import main
+
+    Image.fromarray(red_square()).save(tmp_path / "a.png")
+    opts = ["--opts", "MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", "64",
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "4", "MODEL.CLIP.PROMPT_TEMPLATES", "single",
+            "INPUT.MIN_SIZE_TEST", "96", "MODEL.CLIP.OFFLINE_RPN_POST_NMS_TOPK_TEST", "50", "MODEL.DEVICE", "cpu"]
+    base = ["--input", str(tmp_path / "a.png"), "--random-weights", "--confidence-threshold", "0", "--cpu"]
+    caption = "a red square beside the blue ring"
+    assert main(base + ["--output", str(tmp_path / "g"), "--caption", caption]
+                + opts + ["MODEL.GROUNDING.ENABLED", "True", "MODEL.GROUNDING.ALIGN_DIM", "32"]) == 0
+    out = json.loads((tmp_path / "g" / "a_png.json").read_text())
+    assert out["caption"] == caption
+    assert [p["phrase"] for p in out["phrases"]] == ["red square", "blue ring"]
+    assert out["detections"] and {d["phrase"] for d in out["detections"]} <= {"red square", "blue ring"}
+    for d in out["detections"]:
+        a, b = d["span"]
+        assert caption[a:b] == d["phrase"] == d["class_name"]
+    with pytest.raises(SystemExit, match="needs a grounding detector"):
+        main(base + ["--output", str(tmp_path / "o"), "--caption", caption] + opts)
+    with pytest.raises(SystemExit, match="no noun phrase"):
+        main(base + ["--output", str(tmp_path / "o"), "--caption", "and then quickly"]
+             + opts + ["MODEL.GROUNDING.ENABLED", "True", "MODEL.GROUNDING.ALIGN_DIM", "32"])

@@ -19,6 +19,11 @@ Example:
 
 Per-class thresholds: --class-thresholds thresholds.json with {"cat": 0.5, "remote": 0.2}; classes
 the file does not name keep --confidence-threshold.
+
+Grounding a caption (a detector built with MODEL.GROUNDING.ENABLED True, weights trained with it):
+--caption "a red mug next to the laptop" makes the caption's noun phrases the classes; each
+detection's JSON names its phrase and the phrase's character span, and the picture labels boxes
+with phrases.
 """
 import argparse
 import glob
@@ -46,6 +51,9 @@ def parse_args(argv=None):
                     help='per-class minimum scores, a JSON object {"class name": score, ...} (e.g. written from '
                     "regionclip_d2.evaluation.thresholds.calibrate_thresholds); other classes use "
                     "--confidence-threshold")
+    ap.add_argument("--caption", default=None, metavar="TEXT",
+                    help="ground this caption's noun phrases instead of a vocabulary (needs a grounding detector: "
+                         "MODEL.GROUNDING.ENABLED True)")
     ap.add_argument("--random-weights", action="store_true",
                     help="run with randomly initialised weights (a smoke test; detections are meaningless)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
@@ -164,7 +172,25 @@ def main(argv=None):
     cfg.freeze()
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)  # random weights, if any, are reproducible
     predictor = DefaultPredictor(cfg)
-    predictor.model.set_vocabulary(names)
+    caption = None
+    if args.caption is not None:
+        head = predictor.model.roi_heads.box_predictor
+        if not hasattr(head, "set_caption"):
+            raise SystemExit("demo: --caption needs a grounding detector: set MODEL.GROUNDING.ENABLED True (config "
+                             "or --opts) and give weights trained with it; this detector scores a class vocabulary")
+        try:
+            names = head.set_caption(args.caption)
+        except ValueError as e:  # no noun phrase, empty, longer than the text context
+            raise SystemExit(f"demo: --caption: {e}") from None
+        caption = head.caption
+        try:  # --class-thresholds, if given, names phrases
+            thresholds = torch.as_tensor(class_thresholds(per_class, names, default=args.confidence_threshold),
+                                         dtype=torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"demo: {e}") from None
+        logger.info("grounding %d phrase(s) of the caption: %s", len(names), names)
+    else:
+        predictor.model.set_vocabulary(names)
     os.makedirs(args.output, exist_ok=True)
     from tqdm import tqdm
 
@@ -186,9 +212,15 @@ def main(argv=None):
         drawn.save(os.path.join(args.output, stem + ".jpg"))
         dets = [{"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "class_id": c, "class_name": names[c]}
                 for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist())]
+        record = {"image": path, "height": image.shape[0], "width": image.shape[1],
+                  "random_weights": bool(random or rpn_random), "detections": dets}
+        if caption is not None:
+            for d in dets:
+                d["phrase"], d["span"] = names[d["class_id"]], list(caption.char_spans[d["class_id"]])
+            record["caption"] = caption.caption
+            record["phrases"] = [{"phrase": p, "span": list(sp)} for p, sp in zip(caption.phrases, caption.char_spans)]
         with open(os.path.join(args.output, stem + ".json"), "w") as f:
-            json.dump({"image": path, "height": image.shape[0], "width": image.shape[1],
-                       "random_weights": bool(random or rpn_random), "detections": dets}, f, indent=1)
+            json.dump(record, f, indent=1)
         logger.info("%s: %d detection(s) -> %s", path, len(dets), os.path.join(args.output, stem + ".jpg"))
         done += 1
     if failed:

@@ -404,13 +404,27 @@ class Pipeline:
                                                  threads=threads) for _, tag, arch in rows[i:i + jobs]])
         return {label: self.transfer_result(tag) for label, tag, _ in rows}
 
+    def demo_image_files(self) -> List[str]:
+        """The test images the demo draws: in file order, half of them (rounded up) among the
+        images that hold a novel shape and the rest among those that do not, so that the
+        pictures show both kinds (chosen by the ground truth alone, never by the detections)."""
+        with open(self.ann("test")) as f:
+            gt = json.load(f)
+        novel_ids = {c["id"] for c in gt["categories"] if c["name"] in set(self.names()[1])}
+        has_novel = {a["image_id"] for a in gt["annotations"] if a["category_id"] in novel_ids}
+        files = sorted((im["file_name"], im["id"] in has_novel) for im in gt["images"])
+        n = self.p["demo_images"]
+        with_novel = [f for f, nov in files if nov][: (n + 1) // 2]
+        without = [f for f, nov in files if not nov][: n - len(with_novel)]
+        chosen = set(with_novel + without)
+        return [os.path.join(self.world, "test", f) for f, _ in files if f in chosen]
+
     def demo(self, detector_weights, arch: str = "C4"):
         _, novel, all_names = self.names()
-        test_dir = os.path.join(self.world, "test")
-        images = sorted(os.listdir(test_dir))[: self.p["demo_images"]]
+        images = self.demo_image_files()
         out = os.path.join(self.out, "demo")
         self.tool("demo.py", ["--config-file", TRANSFER_CONFIGS[arch], "--input"]
-                  + [os.path.join(test_dir, i) for i in images]
+                  + images
                   + ["--output", out, "--vocabulary", "custom", "--custom-vocabulary", ",".join(all_names),
                      "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts", "MODEL.WEIGHTS",
                      detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights]

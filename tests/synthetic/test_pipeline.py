@@ -149,3 +149,23 @@ def test_reproduce_runs_ablations_as_parallel_processes_on_a_finished_seed(tiny_
     assert set(data["ablations"]) == {"distillation only", "no focal scaling (transfer)"}
     cfg = (repro / "seed0" / "ablations" / "distillation_only" / "pretrain" / "config.yaml").read_text()
     assert "PRETRAIN_LOSS_WEIGHTS:\n    - 0\n    - 1\n    - 0\n" in cfg  # the ablation's own setting
+
+
+def test_demo_pictures_show_novel_and_base_only_images(tiny_run):
+    """The demo draws, in file order, half its images among those holding a novel shape and
+    the rest among those without one (chosen by the ground truth)."""
+    from synthetic_pipeline import Pipeline
+
+    out, _ = tiny_run
+    run = Pipeline(str(out), "tiny", 0)
+    gt = json.loads((out / "world" / "annotations" / "instances_test.json").read_text())
+    novel_ids = {c["id"] for c in gt["categories"] if c["name"] in run.names()[1]}
+    holds_novel = {im["file_name"]: any(a["image_id"] == im["id"] and a["category_id"] in novel_ids
+                                        for a in gt["annotations"]) for im in gt["images"]}
+    assert any(holds_novel.values()) and not all(holds_novel.values())  # the tiny world has both kinds
+    files = [os.path.basename(f) for f in run.demo_image_files()]
+    first_novel = sorted(f for f, nov in holds_novel.items() if nov)[0]
+    first_base = sorted(f for f, nov in holds_novel.items() if not nov)[0]
+    assert files == sorted([first_novel, first_base])
+    drawn = sorted(f for f in os.listdir(out / "demo") if f.endswith(".jpg"))
+    assert drawn == sorted(f.replace(".png", "_png.jpg") for f in files)
