@@ -8,7 +8,7 @@ export PYTHONWARNINGS := ignore::FutureWarning
 setup:
 	bash tools/setup/install.sh
 
-# the main job: RegionCLIP end to end in the synthetic world (14-16 min on 2 CPU cores)
+# the main job: RegionCLIP end to end in the synthetic world (about 15 min on 2 CPU cores)
 demo: setup
 	$(PY) tools/synthetic_demo.py --output output/synthetic_demo
 

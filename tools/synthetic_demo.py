@@ -27,7 +27,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_demo", help="output folder (default: %(default)s)")
     ap.add_argument("--profile", default="demo", choices=list(PROFILES),
-                    help="sizes: demo (14-16 min on 2 cores) or tiny (a smoke test)")
+                    help="sizes: demo (about 15 min on 2 cores) or tiny (a smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help=f"override profile values, e.g. clip_steps=800 (keys: {', '.join(PROFILES['demo'])})")

@@ -39,7 +39,8 @@ WORLD_KEYS = ("image_size", "max_objects", "min_size", "max_size", "single_min_s
               "single_object_prob", "colour_prob", "max_rotation", "categories", "novel")
 
 PROFILES = {
-    # the demo: all stages in 14-16 minutes on 2 CPU cores (fp32, AVX2; measured on 3 seeds)
+    # the demo: all stages in about 15 minutes on 2 CPU cores (fp32, AVX2; 14.5 min measured on seed 0, 14-18
+    # over earlier runs as the machine's speed varies)
     "demo": dict(num_train=3000, num_val=900, num_test=300, image_size=96, max_objects=3, min_size=30,
                  max_size=54, single_min_size=30, single_max_size=54, single_object_prob=0.6, colour_prob=0.0,
                  max_rotation=180.0,

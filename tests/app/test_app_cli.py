@@ -70,6 +70,10 @@ def fake_run(root, moved_from="/elsewhere/synthetic_demo"):
     cats = [{"id": i + 1, "name": n, "split": "novel" if n in novel else "base"}
             for i, n in enumerate(profile["categories"].split(","))]
     (root / "world" / "world.json").write_text(json.dumps({"categories": cats}))
+    os.makedirs(root / "world" / "annotations", exist_ok=True)  # the demo stage picks its images by ground truth
+    (root / "world" / "annotations" / "instances_test.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "test_000000.png"}, {"id": 2, "file_name": "test_000001.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": len(cats)}], "categories": cats}))
     (root / "results.json").write_text(json.dumps({
         "profile": profile, "seed": 0, "demo_detector": "RegionCLIP student",
         "transfer": {"RegionCLIP student": {"weights": f"{moved_from}/transfer/regionclip_fpn/model_final.pth"}}}))

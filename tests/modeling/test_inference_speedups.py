@@ -44,7 +44,7 @@ def test_bfloat16_region_embeddings_close(tiny_clip_config):
         captured = []
         pred = model.roi_heads.box_predictor
         orig = pred.forward
-        pred.forward = lambda f, _o=orig: (captured.append(f.float().clone()), _o(f))[1]
+        pred.forward = lambda f, *a, _o=orig: (captured.append(f.float().clone()), _o(f, *a))[1]
         out = model(x)[0]["instances"]
         assert out.scores.dtype == torch.float32 and torch.isfinite(out.scores).all()
         feats[dtype] = captured[0]
