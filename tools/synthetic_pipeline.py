@@ -51,7 +51,7 @@ PROFILES = {
                  rpn_iters=140, rpn_batch=16,
                  pretrain_iters=130, pretrain_batch=16, pretrain_lr=0.0005, pretrain_optimizer="ADAMW",
                  pretrain_regions="RPN",
-                 pretrain_loss_weights="1,1,1",
+                 pretrain_loss_weights="1,1,1", teacher_clip_seed_offset=0,
                  transfer_iters=400, transfer_batch=8, transfer_lr=0.001, focal=0.5, bg_weight=0.2,
                  transfer_arch="FPN", c4_rows=0, transfer_jobs=2,
                  demo_images=4, demo_threshold=0.5),
@@ -190,15 +190,36 @@ class Pipeline:
             args += ["--" + k.replace("_", "-"), p[k]]
         self.tool("make_synthetic_ovd.py", args, "world")
 
-    def train_clip(self):
+    def train_clip(self, out_dir: str = None, seed: int = None):
+        """Train the world's CLIP (or, with ``out_dir`` and ``seed``, another one by the same
+        recipe); returns its metrics."""
         p = self.p
-        self.tool("train_world_clip.py", ["--world-dir", self.world, "--output-dir", self.clip_dir, "--steps",
+        out_dir = out_dir or self.clip_dir
+        self.tool("train_world_clip.py", ["--world-dir", self.world, "--output-dir", out_dir, "--steps",
                                           p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
-                                          "--seed", self.seed, "--no-progress"]
+                                          "--seed", self.seed if seed is None else seed, "--no-progress"]
                   + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else [])
-                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []), "clip")
-        with open(os.path.join(self.clip_dir, "world_clip_metrics.json")) as f:
+                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []),
+                  "clip" if seed is None else "teacher_clip")
+        with open(os.path.join(out_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
+
+    def teacher_dir(self) -> str:
+        return os.path.join(self.out, "teacher_clip")
+
+    def train_teacher_clip(self):
+        """With ``teacher_clip_seed_offset`` N > 0: a second world CLIP (same recipe, seed + N)
+        that teaches in pretraining instead of the student's own initialisation (the paper's
+        teacher/student ablation), and the concept pool embedded by its text tower."""
+        out = self.teacher_dir()
+        metrics = self.train_clip(out, self.seed + self.p["teacher_clip_seed_offset"])
+        names = os.path.join(out, "concept_names.txt")
+        with open(os.path.join(self.out, "concepts", "concepts.txt")) as f, open(names, "w") as g:
+            g.writelines(line.split("\t")[0] + "\n" for line in f if line.strip())
+        self.tool("embed_vocabulary.py", ["--vocabulary", names, "--model-config", os.path.join(out, "world_clip.json"),
+                                          "--clip-weights", os.path.join(out, "world_clip.pt"), "--templates", "single",
+                                          "--output", os.path.join(out, "concept_embeddings.pth")], "teacher_concepts")
+        return metrics
 
     def concepts(self):
         out = os.path.join(self.out, "concepts")
@@ -251,7 +272,10 @@ class Pipeline:
                    "SOLVER.BASE_LR", p["pretrain_lr"], "SOLVER.OPTIMIZER", p["pretrain_optimizer"],
                    "SOLVER.STEPS", f"({int(p['pretrain_iters'] * 0.8)},)",
                    "SOLVER.WARMUP_ITERS", min(20, p["pretrain_iters"] // 4)]
-                + self.size_args() + self.pool_args() + self.model_args())
+                + self.size_args() + self.pool_args() + self.model_args()
+                + (["MODEL.CLIP.TEACHER_CLIP_WEIGHTS", os.path.join(self.teacher_dir(), "world_clip.pt"),
+                    "MODEL.CLIP.TEACHER_CONCEPT_POOL_EMB", os.path.join(self.teacher_dir(), "concept_embeddings.pth")]
+                   if p["teacher_clip_seed_offset"] > 0 else []))
 
     def teacher_knowledge(self):
         """Accuracy of the teacher's pseudo labels (argmax over the concept pool, the concept's
@@ -441,6 +465,8 @@ class Pipeline:
         rpn = self.start_rpn()  # the RPN trains while stages 3 and 4 run
         concepts = self._stage("3/11 concepts: extracting the concept pool", self.concepts)
         self._stage("4/11 classes: embedding base and all class names", self.class_embeddings)
+        if self.p["teacher_clip_seed_offset"] > 0:
+            self._stage("4b/11 teacher: a second world CLIP (seed + teacher_clip_seed_offset)", self.train_teacher_clip)
         self._stage("5/11 rpn: training the RPN on base boxes (started before stage 3)", lambda: self.train_rpn(rpn))
         teacher = self._stage("6/11 teacher: pseudo labels on RPN regions", self.teacher_knowledge)
         student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
@@ -476,11 +502,19 @@ class Pipeline:
         if transfer_only:
             return {"transfer": sub.transfer_one(os.path.join(self.out, "pretrain", "model_final.pth"),
                                                  "regionclip", self.p["transfer_arch"])}
+        extra = {}
+        if sub.p["teacher_clip_seed_offset"] > 0:  # a second world CLIP teaches: train it, and measure it too
+            extra["teacher_clip"] = {k: v for k, v in sub.train_teacher_clip().items() if k != "loss_history"}
+            other = Pipeline(os.path.join(sub.out, "teacher_eval"), seed=self.seed, overrides=sub.p, python=self.python)
+            other.world, other.clip_dir = self.world, sub.teacher_dir()
+            other.clip_cfg = os.path.join(sub.teacher_dir(), "world_clip.json")
+            other.clip_weights = os.path.join(sub.teacher_dir(), "world_clip.pt")
+            extra["teacher_zero_shot"] = other.zero_shot("", eval_tool=False, teacher=False)["RegionCLIP student"]
         student = sub.pretrain()
         zs = sub.zero_shot(student, eval_tool=False, teacher=False)["RegionCLIP student"]
         if zero_shot_only:
-            return {"zero_shot": zs}
-        return {"zero_shot": zs, "transfer": sub.transfer_one(student, "regionclip", self.p["transfer_arch"])}
+            return dict(extra, zero_shot=zs)
+        return dict(extra, zero_shot=zs, transfer=sub.transfer_one(student, "regionclip", self.p["transfer_arch"]))
 
     def report(self, results):
         md = report_markdown(results, self.p, self.seed)

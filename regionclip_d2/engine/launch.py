@@ -44,5 +44,8 @@ def _cpu_worker(local_rank, main_func, world_size, per_machine, machine_rank, di
     comm.synchronize()
     try:
         main_func(*args)
+        # every process is done before any tears its connections down: a gloo peer torn down while
+        # the other still talks aborts that process ("terminate called without an active exception")
+        comm.synchronize()
     finally:
         dist.destroy_process_group()

@@ -169,3 +169,24 @@ def test_demo_pictures_show_novel_and_base_only_images(tiny_run):
     assert files == sorted([first_novel, first_base])
     drawn = sorted(f for f in os.listdir(out / "demo") if f.endswith(".jpg"))
     assert drawn == sorted(f.replace(".png", "_png.jpg") for f in files)
+
+
+def test_second_world_clip_as_teacher(tiny_run):
+    """teacher_clip_seed_offset: a second world CLIP (seed + offset) teaches in pretraining, with
+    the concept pool embedded by its own text tower; the student still starts from the run's
+    CLIP, and the teacher's own zero-shot accuracy is measured beside the student's."""
+    import torch
+    from synthetic_pipeline import Pipeline
+
+    out, _ = tiny_run
+    res = Pipeline(str(out), "tiny", 0).ablation("teacher2", {"teacher_clip_seed_offset": 1000}, zero_shot_only=True)
+    assert set(res) == {"zero_shot", "teacher_zero_shot", "teacher_clip"}
+    assert res["teacher_clip"]["seed"] == 1000
+    teacher = out / "ablations" / "teacher2" / "teacher_clip"
+    cfg = (out / "ablations" / "teacher2" / "pretrain" / "config.yaml").read_text()
+    assert f"TEACHER_CLIP_WEIGHTS: {teacher / 'world_clip.pt'}" in cfg
+    assert f"TEACHER_CONCEPT_POOL_EMB: {teacher / 'concept_embeddings.pth'}" in cfg
+    assert f"CLIP_WEIGHTS: {out / 'world_clip' / 'world_clip.pt'}" in cfg  # the student's start is unchanged
+    own = torch.load(out / "concepts" / "concept_embeddings.pth", weights_only=True)
+    other = torch.load(teacher / "concept_embeddings.pth", weights_only=True)
+    assert own.shape == other.shape and not torch.allclose(own, other)
