@@ -218,10 +218,16 @@ class GroundingPredictor(OpenVocabularyPredictor):
         gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else \
             torch.empty(0, dtype=torch.long, device=logits.device)
         num_classes = self.num_classes
-        _log_classification_stats(torch.zeros(len(gt_classes), num_classes + 1, device=logits.device), gt_classes)
         # the prompt's phrases are the classes in its label order (one prompt: 0..C-1)
         pm = torch.zeros(num_classes, logits.shape[-1], device=logits.device)
         pm[torch.tensor(prompt.labels, device=logits.device)] = prompt.positive_map().to(logits.device)
+        with torch.no_grad():  # accuracy stats as detectron2 logs them: background wins below probability 0.5
+            probs = class_scores(logits.detach().float(), pm[torch.tensor(prompt.labels, device=logits.device)],
+                                 self.reduce)
+            full = probs.new_zeros(probs.shape[0], num_classes + 1)
+            full[:, torch.tensor(prompt.labels, device=logits.device)] = probs
+            full[:, num_classes] = 0.5
+            _log_classification_stats(full, gt_classes)
         targets = token_targets(gt_classes, pm)
         mask = self._encoder().encode_prompts([prompt])["mask"][0].to(logits.device)
         if len(proposals):

@@ -115,3 +115,23 @@ def test_bad_input_is_named(tiny_clip_config):
     model.set_vocabulary(torch.randn(3, 64))  # embeddings without names: no prompt can be built
     with pytest.raises(ValueError, match="needs class names"):
         model([image_input(96, 128, boxes=[[4, 4, 60, 50]])])
+
+
+def test_training_logs_the_heads_real_accuracy(tiny_clip_config):
+    """detectron2's fast_rcnn/* accuracy stats come from the class probabilities of the token
+    logits (background when no class reaches 0.5), not from placeholders."""
+    from detectron2.structures import Boxes, Instances
+
+    pred = grounding_model(C4_GT, tiny_clip_config).roi_heads.box_predictor
+    (prompt,) = pred.prompts()
+    pm = prompt.positive_map()  # [3 classes, T]
+    props = Instances((64, 64), proposal_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10]] * 3)),
+                      gt_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10]] * 3)), gt_classes=torch.tensor([1, 1, 3]))
+    deltas = torch.zeros(3, 4)
+    for logits, acc, fg_acc, fn in ((torch.where(pm[1] > 0, 8.0, -8.0).expand(3, -1), 2 / 3, 1.0, 0.0),
+                                    (torch.full((3, pm.shape[1]), -8.0), 1 / 3, 0.0, 1.0)):
+        with EventStorage(0) as storage:
+            pred.losses((logits.clone(), deltas), [props])
+            assert storage.latest()["fast_rcnn/cls_accuracy"][0] == pytest.approx(acc)
+            assert storage.latest()["fast_rcnn/fg_cls_accuracy"][0] == pytest.approx(fg_acc)
+            assert storage.latest()["fast_rcnn/false_negative"][0] == pytest.approx(fn)
