@@ -21,5 +21,6 @@ setup(
         "tqdm",
     ],
     # the web app (regionclip_d2.app, tools/app.py); tools/setup/install.sh installs these pinned
-    extras_require={"app": ["fastapi>=0.110", "uvicorn>=0.29"]},
+    extras_require={"app": ["fastapi>=0.110", "uvicorn>=0.29"],
+                    "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]},
 )

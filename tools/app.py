@@ -21,7 +21,6 @@ exists) and the photos scikit-image ships (chelsea.png, astronaut.png, coffee.pn
 Limits: see regionclip_d2/app/server.py (uploads up to 25 MB and 30 megapixels, up to 1500 names).
 """
 import argparse
-import json
 import logging
 import os
 import socket
@@ -59,34 +58,11 @@ def parse_args(argv=None):
 
 
 def synthetic_settings(run_dir: str) -> dict:
-    """What ``tools/synthetic_pipeline.py``'s demo stage passes to ``tools/demo.py`` for a finished
-    run: the transfer config, the shown detector's weights, the RPN branch and the world's CLIP,
-    sizes and class counts; plus the world's class names, the demo threshold and test images."""
-    results_path = os.path.join(run_dir, "results.json")
-    if not os.path.isfile(results_path):
-        raise SystemExit(f"app: --synthetic {run_dir}: {results_path} not found: run `make demo` first (it writes "
-                         "output/synthetic_demo), or give the folder of a finished run")
-    with open(results_path) as f:
-        results = json.load(f)
+    """The detector of a finished synthetic demo run (``synthetic_pipeline.finished_run_settings``)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from synthetic_pipeline import TRANSFER_CONFIGS, Pipeline
+    from synthetic_pipeline import finished_run_settings
 
-    pipe = Pipeline(run_dir, seed=int(results.get("seed", 0)), overrides=results["profile"])
-    arch = pipe.p["transfer_arch"]
-    shown = results.get("demo_detector", "RegionCLIP student")
-    weights = results["transfer"][shown]["weights"]
-    if not os.path.isfile(weights):  # the run was moved: the same file under this folder
-        weights = os.path.join(pipe.out, "transfer", os.path.basename(os.path.dirname(weights)), "model_final.pth")
-    for path in (weights, pipe.rpn_weights, pipe.clip_weights, pipe.clip_cfg):
-        if not os.path.isfile(path):
-            raise SystemExit(f"app: --synthetic {run_dir}: {path} is missing: the run is incomplete; run `make demo`")
-    _, _, all_names = pipe.names()
-    opts = (["MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", pipe.rpn_weights] + pipe.size_args()
-            + (pipe.pool_args() if arch == "C4" else []) + pipe.class_args() + pipe.model_args())
-    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": [str(o) for o in opts],
-            "vocabulary": ", ".join(all_names), "threshold": float(pipe.p["demo_threshold"]),
-            "world_test": os.path.join(pipe.world, "test"),
-            "about": f"the synthetic demo's {shown} detector ({arch}) from {run_dir}"}
+    return finished_run_settings(run_dir, "app")
 
 
 def check_port(host: str, port: int):

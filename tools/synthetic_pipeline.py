@@ -621,3 +621,32 @@ def plot_results(results: Dict, path: str):
     except Exception as e:  # the table is the result; the plot is a convenience
         logger.warning("could not draw the plot: %s", e)
 
+
+def finished_run_settings(run_dir: str, tool: str = "app") -> dict:
+    """What ``tools/synthetic_pipeline.py``'s demo stage passes to ``tools/demo.py`` for a finished
+    run: the transfer config, the shown detector's weights, the RPN branch and the world's CLIP,
+    sizes and class counts; plus the world's class names, the demo threshold and test images.
+    ``tool`` names the caller in error messages (``--synthetic`` is its option)."""
+    results_path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(results_path):
+        raise SystemExit(f"{tool}: --synthetic {run_dir}: {results_path} not found: run `make demo` first (it writes "
+                         "output/synthetic_demo), or give the folder of a finished run")
+    with open(results_path) as f:
+        results = json.load(f)
+    pipe = Pipeline(run_dir, seed=int(results.get("seed", 0)), overrides=results["profile"])
+    arch = pipe.p["transfer_arch"]
+    shown = results.get("demo_detector", "RegionCLIP student")
+    weights = results["transfer"][shown]["weights"]
+    if not os.path.isfile(weights):  # the run was moved: the same file under this folder
+        weights = os.path.join(pipe.out, "transfer", os.path.basename(os.path.dirname(weights)), "model_final.pth")
+    for path in (weights, pipe.rpn_weights, pipe.clip_weights, pipe.clip_cfg):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{tool}: --synthetic {run_dir}: {path} is missing: the run is incomplete; "
+                             "run `make demo`")
+    _, _, all_names = pipe.names()
+    opts = (["MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", pipe.rpn_weights] + pipe.size_args()
+            + (pipe.pool_args() if arch == "C4" else []) + pipe.class_args() + pipe.model_args())
+    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": [str(o) for o in opts],
+            "vocabulary": ", ".join(all_names), "threshold": float(pipe.p["demo_threshold"]),
+            "world_test": os.path.join(pipe.world, "test"),
+            "about": f"the synthetic demo's {shown} detector ({arch}) from {run_dir}"}

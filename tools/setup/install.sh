@@ -76,6 +76,15 @@ if ! stamp_ok app_deps "$APP_REQS"; then
   stamp_set app_deps "$APP_REQS"
 fi
 
+# 3b'. ONNX export (tools/export.py) and its tests: the exporter's back end and a runtime to check the file
+EXPORT_REQS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1"
+if ! stamp_ok export_deps "$EXPORT_REQS"; then
+  log "installing $EXPORT_REQS"
+  quiet_pip install $EXPORT_REQS
+  "$PY" -c "import onnx, onnxscript, onnxruntime"
+  stamp_set export_deps "$EXPORT_REQS"
+fi
+
 # 3c. a headless browser for the web app's browser test: Debian's chromium (Playwright drives it;
 # `playwright install` would download its own build, which may not be reachable). Never fails the set-up.
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
