@@ -58,7 +58,7 @@ PROFILES = {
 }
 
 # the test suite: every stage, tiny
-PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=8, num_test=12, clip_steps=30, clip_batch=16,
+PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=40, num_test=12, clip_steps=30, clip_batch=16,
                         clip_warmup=0, min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4,
                         transfer_iters=4, transfer_batch=4, demo_images=2, c4_rows=1)
 
@@ -456,6 +456,63 @@ class Pipeline:
                   + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
                   + self.model_args(), "demo")
         return out
+
+    def exemplar_examples(self, shots: int) -> Dict[str, List]:
+        """For each novel shape, ``shots`` example boxes from the val split (its first annotations
+        in file order; the test split is never used): ``{name: [(image path, [x0, y0, x1, y1]), ...]}``."""
+        with open(self.ann("val")) as f:
+            gt = json.load(f)
+        files = {im["id"]: os.path.join(self.world, "val", im["file_name"]) for im in gt["images"]}
+        cats = {c["id"]: c["name"] for c in gt["categories"]}
+        out = {n: [] for n in self.names()[1]}
+        for a in sorted(gt["annotations"], key=lambda a: (files[a["image_id"]], a["id"])):
+            name = cats[a["category_id"]]
+            if name in out and len(out[name]) < shots:
+                x, y, w, h = a["bbox"]
+                out[name].append((files[a["image_id"]], [x, y, x + w, y + h]))
+        short = [n for n, ex in out.items() if len(ex) < shots]
+        if short:
+            raise ValueError(f"the val split has fewer than {shots} boxes of {short}: use fewer shots")
+        return out
+
+    def exemplar_eval(self, detector_weights: str, arch: str, shots: int = 5) -> Dict:
+        """Novel shapes given by image exemplars instead of names (OWL-ViT's image-guided
+        detection through ``regionclip_d2.Exemplar``): the detector trained on base boxes, its
+        test vocabulary = the base names + each novel shape as the mean embedding of ``shots``
+        val-split boxes; AP50 on the test split by ``tools/train_net.py --eval-only``, next to
+        the same evaluation with all names. Returns {"names": AP50s, "exemplars": AP50s}."""
+        import torch
+
+        from regionclip_d2 import Detector, Exemplar
+
+        base, novel, all_names = self.names()
+        opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
+                + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
+        opts = [str(o) for o in opts]
+        det = Detector.from_config(os.path.join(ROOT, TRANSFER_CONFIGS[arch]), device="cpu", opts=opts)
+        examples = self.exemplar_examples(shots)
+        classes = {"names": list(all_names),
+                   "exemplars": [n if n not in novel else
+                                 Exemplar(n, image=[path for path, _ in examples[n]],
+                                          boxes=[[box] for _, box in examples[n]]) for n in all_names]}
+        out = os.path.join(self.out, "exemplars")
+        os.makedirs(out, exist_ok=True)
+        results = {}
+        for label, vocab in classes.items():
+            emb, _ = det.vocabulary(vocab)
+            path = os.path.join(out, f"{label}.pth")
+            torch.save(emb, path)
+            run = os.path.join(out, label)
+            self.tool("train_net.py", ["--eval-only", "--config-file", TRANSFER_CONFIGS[arch]] + self.register_args()
+                      + ["DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", run] + opts
+                      + ["MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
+                         "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", path], "exemplars", log_name=f"exemplars_{label}")
+            with open(os.path.join(run, "inference", "world_test", "results.json")) as f:
+                results[label] = json.load(f)["bbox"]
+        results["shots"] = shots
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        return results
 
     # ------------------------------------------------------------------ all
     def run(self) -> Dict:

@@ -190,3 +190,32 @@ def test_second_world_clip_as_teacher(tiny_run):
     own = torch.load(out / "concepts" / "concept_embeddings.pth", weights_only=True)
     other = torch.load(teacher / "concept_embeddings.pth", weights_only=True)
     assert own.shape == other.shape and not torch.allclose(own, other)
+
+
+def test_exemplars_tool_gives_novel_shapes_by_example_boxes_from_val(tiny_run):
+    """tools/synthetic_exemplars.py: the test vocabulary's novel rows become the mean region
+    embedding of val-split example boxes, the base rows stay the names; both are evaluated."""
+    import torch
+
+    from synthetic_pipeline import Pipeline
+
+    out, _ = tiny_run
+    run = Pipeline(str(out), "tiny", 0)
+    r = subprocess.run([sys.executable, "tools/synthetic_exemplars.py", "--run", str(out), "--shots", "1"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "| exemplars |" in r.stdout and "| names |" in r.stdout
+    res = json.loads((out / "exemplars" / "results.json").read_text())
+    assert res["shots"] == 1 and {"AP50-novel", "AP50-base"} <= set(res["exemplars"])
+    names = torch.load(str(out / "exemplars" / "names.pth"))
+    ex = torch.load(str(out / "exemplars" / "exemplars.pth"))
+    base, novel, all_names = run.names()
+    is_novel = torch.tensor([n in novel for n in all_names])
+    torch.testing.assert_close(ex[~is_novel], names[~is_novel])
+    assert not torch.allclose(ex[is_novel], names[is_novel], atol=1e-3)
+    examples = run.exemplar_examples(1)
+    assert set(examples) == set(novel)
+    assert all(os.sep + "val" + os.sep in path for ex_list in examples.values() for path, _ in ex_list)
+    r = subprocess.run([sys.executable, "tools/synthetic_exemplars.py", "--run", str(out), "--shots", "1000"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode != 0 and "fewer than 1000 boxes" in r.stderr and "use fewer shots" in r.stderr
