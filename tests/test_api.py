@@ -242,6 +242,67 @@ def test_exemplar_of_a_gt_box_labels_that_box(tiny_clip_config):
     assert res3.labels == ["mug"]
 
 
+def test_exemplar_calibration_by_hand(tiny_clip_config):
+    """calibrate_exemplars: (a, b) send the references' mean leave-one-out exemplar cosine of
+    positives and of negatives (other references' boxes, a grid and the whole image) to the
+    mean text cosines of the same regions; afterwards exemplar classes score (a cos + b) / T
+    and name classes are unchanged."""
+    det = Detector.from_config(small_cfg(tiny_clip_config, C4_GT), allow_random_weights=True)
+    a_img, b_img = red_square(70, 100, seed=1), red_square(80, 90, seed=2)
+    ref_a = Exemplar("cat", image=a_img, boxes=[[20, 10, 65, 45], [0, 0, 50, 40], [30, 20, 90, 60]])
+    ref_b = Exemplar("dog", image=b_img, boxes=[[5, 5, 60, 70], [40, 30, 85, 75]])
+    stats = det.calibrate_exemplars([ref_a, ref_b], grid=2)
+    # by hand
+    regions = {"cat": det.region_embeddings(a_img, ref_a.boxes).double(),
+               "dog": det.region_embeddings(b_img, ref_b.boxes).double()}
+
+    def grid(img):
+        h, w = img.shape[:2]
+        return [[0, 0, w / 2, h / 2], [0, h / 2, w / 2, h], [w / 2, 0, w, h / 2], [w / 2, h / 2, w, h], [0, 0, w, h]]
+
+    background = torch.cat([det.region_embeddings(a_img, grid(a_img)),
+                            det.region_embeddings(b_img, grid(b_img))]).double()
+    text = det.text_embeddings(["cat", "dog"]).double()
+    rows = []
+    for k, (name, other) in enumerate((("cat", "dog"), ("dog", "cat"))):
+        r = regions[name]
+        loo = [torch.nn.functional.normalize(torch.cat([r[:i], r[i + 1:]]).mean(0), dim=0) for i in range(len(r))]
+        pos_e = sum(float(r[i] @ loo[i]) for i in range(len(r))) / len(r)
+        e = torch.nn.functional.normalize(r.mean(0), dim=0)
+        neg = torch.cat([background, regions[other]])
+        rows.append([pos_e, float((neg @ e).mean()), float((r @ text[k]).mean()), float((neg @ text[k]).mean())])
+    pe, ne, pt, nt = np.mean(rows, axis=0)
+    a = (pt - nt) / (pe - ne)
+    assert stats["scale"] == pytest.approx(a, rel=1e-6)
+    assert stats["bias"] == pytest.approx(pt - a * pe, rel=1e-6, abs=1e-9)
+    assert det.exemplar_calibration == (stats["scale"], stats["bias"])
+    # a call mixing names and an exemplar: scores by hand
+    mug = Exemplar("mug", a_img, [[20, 10, 65, 45]])
+    classes = ["cat", mug, "dog"]
+    box = [30.0, 20.0, 90.0, 60.0]
+    res = det(a_img, classes=classes, boxes=[box], threshold=0.0)
+    x = det.region_embeddings(a_img, [box])[0]
+    emb, _ = det.vocabulary(classes)
+    cos = emb @ x
+    logits = torch.cat([torch.stack([cos[0], stats["scale"] * cos[1] + stats["bias"], cos[2]]), torch.zeros(1)])
+    probs = torch.softmax(logits / 0.01, dim=0)[:3]
+    for label_id, score in zip(res.label_ids, res.scores):
+        assert score == pytest.approx(float(probs[label_id]), abs=1e-5)
+    assert det.logit_affine(["cat", "dog"]) is None  # names only: no affine
+    det.exemplar_calibration = None
+    raw = det(a_img, classes=classes, boxes=[box], threshold=0.0)
+    assert not np.allclose(sorted(raw.scores), sorted(res.scores), atol=1e-4)
+    # bad references
+    with pytest.raises(DetectorInputError, match="fewer than 2 boxes"):
+        det.calibrate_exemplars([Exemplar("cat", a_img, [[20, 10, 65, 45]])])
+    with pytest.raises(DetectorInputError, match="list of Exemplar"):
+        det.calibrate_exemplars(["cat"])
+    with pytest.raises(ValueError, match="logit_affine must be a finite"):
+        det.model.set_vocabulary(emb, ["cat", "mug", "dog"], logit_affine=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="needs a \\[C, D\\] tensor vocabulary"):
+        det.model.set_vocabulary(["cat", "dog"], logit_affine=torch.ones(2, 2))
+
+
 # ----------------------------------------------------------------------------- thresholds
 def test_per_class_thresholds(tiny_clip_config):
     det = Detector.from_config(small_cfg(tiny_clip_config), allow_random_weights=True)

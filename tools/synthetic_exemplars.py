@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Image exemplars against names, in the synthetic world (after `make demo`).
 
-The demo's transfer detector (trained on base boxes only) is evaluated on the test split twice:
-with all 12 shape names as the vocabulary, and with each novel shape given instead by example
-boxes from the val split (regionclip_d2.Exemplar: the mean of the detector's own L2-normalised
-region embeddings of the boxes). Novel AP50 says whether an exemplar finds its shape as well as
-its name does. Writes <run>/exemplars/results.json and prints a table.
+The demo's transfer detector (trained on base boxes only) is evaluated on the test split with
+all 12 shape names as the vocabulary, and with each novel shape given instead by example boxes
+from the val split (regionclip_d2.Exemplar: the mean of the detector's own L2-normalised region
+embeddings of the boxes), with raw cosines and with the exemplar calibration
+(Detector.calibrate_exemplars) fitted on the base shapes' val boxes. Novel AP50 says whether an
+exemplar finds its shape as well as its name does. Writes <run>/exemplars/results.json and
+prints a table.
 
   python tools/synthetic_exemplars.py --run output/synthetic_demo --shots 5
 """
@@ -45,9 +47,14 @@ def main(argv=None):
     lines = [f"Novel shapes by name or by {args.shots} val-split exemplars each ({shown} transfer detector, "
              f"{pipe.p['transfer_arch']}; test split):", "",
              "| novel classes given as | AP50 novel | base | all |", "|---|---|---|---|"]
-    for label in ("names", "exemplars"):
+    for label in ("names", "exemplars", "exemplars, calibrated"):
         r = res[label]
         lines.append(f"| {label} | {r['AP50-novel']:.1f} | {r['AP50-base']:.1f} | {r['AP50-all']:.1f} |")
+    c = res["calibration"]
+    lines += ["", f"Calibration (fitted on the {len(pipe.names()[0])} base shapes' val boxes, {args.shots} each): "
+              f"exemplar cosine x -> {c['scale']:.3f} x {c['bias']:+.3f}; exemplar cosines of positives / negatives "
+              f"{c['positive_exemplar_cos']:.3f} / {c['negative_exemplar_cos']:.3f}, text cosines "
+              f"{c['positive_text_cos']:.3f} / {c['negative_text_cos']:.3f}."]
     print("\n".join(lines))
     return 0
 

@@ -457,14 +457,15 @@ class Pipeline:
                   + self.model_args(), "demo")
         return out
 
-    def exemplar_examples(self, shots: int) -> Dict[str, List]:
-        """For each novel shape, ``shots`` example boxes from the val split (its first annotations
-        in file order; the test split is never used): ``{name: [(image path, [x0, y0, x1, y1]), ...]}``."""
+    def exemplar_examples(self, shots: int, names=None) -> Dict[str, List]:
+        """For each shape of ``names`` (default: the novel ones), ``shots`` example boxes from the
+        val split (its first annotations in file order; the test split is never used):
+        ``{name: [(image path, [x0, y0, x1, y1]), ...]}``."""
         with open(self.ann("val")) as f:
             gt = json.load(f)
         files = {im["id"]: os.path.join(self.world, "val", im["file_name"]) for im in gt["images"]}
         cats = {c["id"]: c["name"] for c in gt["categories"]}
-        out = {n: [] for n in self.names()[1]}
+        out = {n: [] for n in (names if names is not None else self.names()[1])}
         for a in sorted(gt["annotations"], key=lambda a: (files[a["image_id"]], a["id"])):
             name = cats[a["category_id"]]
             if name in out and len(out[name]) < shots:
@@ -477,39 +478,54 @@ class Pipeline:
 
     def exemplar_eval(self, detector_weights: str, arch: str, shots: int = 5) -> Dict:
         """Novel shapes given by image exemplars instead of names (OWL-ViT's image-guided
-        detection through ``regionclip_d2.Exemplar``): the detector trained on base boxes, its
-        test vocabulary = the base names + each novel shape as the mean embedding of ``shots``
-        val-split boxes; AP50 on the test split by ``tools/train_net.py --eval-only``, next to
-        the same evaluation with all names. Returns {"names": AP50s, "exemplars": AP50s}."""
+        detection through ``regionclip_d2.Exemplar``). The detector trained on base boxes is
+        evaluated on the test split (AP50 as ``tools/train_net.py --eval-only`` computes it) with
+        three test vocabularies: all 12 names; the base names + each novel shape as the mean
+        embedding of ``shots`` val-split boxes (raw cosines); the same with the exemplar
+        calibration (``Detector.calibrate_exemplars``) fitted on the base shapes' val boxes
+        (``shots`` each, at least 2). Returns {"names", "exemplars", "exemplars, calibrated": AP50s,
+        "calibration": its statistics, "shots": shots}."""
         import torch
 
+        from detectron2.data import DatasetCatalog
+
         from regionclip_d2 import Detector, Exemplar
+        from regionclip_d2.data.datasets import register_coco_format
+        from regionclip_d2.engine.trainer import RegionCLIPTrainer
 
         base, novel, all_names = self.names()
         opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
                 + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
         opts = [str(o) for o in opts]
-        det = Detector.from_config(os.path.join(ROOT, TRANSFER_CONFIGS[arch]), device="cpu", opts=opts)
-        examples = self.exemplar_examples(shots)
-        classes = {"names": list(all_names),
-                   "exemplars": [n if n not in novel else
-                                 Exemplar(n, image=[path for path, _ in examples[n]],
-                                          boxes=[[box] for _, box in examples[n]]) for n in all_names]}
         out = os.path.join(self.out, "exemplars")
-        os.makedirs(out, exist_ok=True)
-        results = {}
-        for label, vocab in classes.items():
-            emb, _ = det.vocabulary(vocab)
-            path = os.path.join(out, f"{label}.pth")
-            torch.save(emb, path)
-            run = os.path.join(out, label)
-            self.tool("train_net.py", ["--eval-only", "--config-file", TRANSFER_CONFIGS[arch]] + self.register_args()
-                      + ["DATASETS.TEST", "('world_test',)", "OUTPUT_DIR", run] + opts
-                      + ["MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
-                         "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", path], "exemplars", log_name=f"exemplars_{label}")
-            with open(os.path.join(run, "inference", "world_test", "results.json")) as f:
-                results[label] = json.load(f)["bbox"]
-        results["shots"] = shots
+        name = f"world_test_exemplars_{os.getpid()}"
+        if name not in DatasetCatalog.list():
+            register_coco_format(name, self.ann("test"), os.path.join(self.world, "test"))
+        det = Detector.from_config(os.path.join(ROOT, TRANSFER_CONFIGS[arch]), device="cpu",
+                                   opts=opts + ["DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", out])
+        self._quiet_logs()
+
+        def as_exemplar(n, examples):
+            return Exemplar(n, image=[path for path, _ in examples[n]], boxes=[[box] for _, box in examples[n]])
+
+        novel_ex = self.exemplar_examples(shots)
+        mixed = [n if n not in novel else as_exemplar(n, novel_ex) for n in all_names]
+        base_ex = self.exemplar_examples(max(2, shots), base)  # a reference needs 2 boxes (leave-one-out)
+        results = {"shots": shots}
+        for label, classes, calibrate in (("names", list(all_names), False), ("exemplars", mixed, False),
+                                          ("exemplars, calibrated", mixed, True)):
+            if calibrate:
+                results["calibration"] = det.calibrate_exemplars([as_exemplar(n, base_ex) for n in base])
+            emb, names = det.vocabulary(classes)
+            affine = det.logit_affine(classes)
+            torch.save({"embeddings": emb, "names": names, "logit_affine": affine},
+                       os.path.join(out, label.replace(", ", "_") + ".pth"))
+            det.model.set_vocabulary(emb, names, logit_affine=affine)
+            cfg = det.cfg.clone()
+            cfg.defrost()
+            cfg.OUTPUT_DIR = os.path.join(out, label.replace(", ", "_"))
+            results[label] = RegionCLIPTrainer.test(cfg, det.model)[name]["bbox"]
+        det.exemplar_calibration = None
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         return results

@@ -67,6 +67,8 @@ class Detector:
         self._text_state: Tuple[tuple, str] = ((), "")
         self._exemplar_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         self.exemplar_cache_size = 256
+        # (scale, bias) that puts exemplar classes' cosines on the text classes' scale; None: raw cosines
+        self.exemplar_calibration: Optional[Tuple[float, float]] = None
         self._lock = threading.RLock()
 
     def _model_vocabulary(self):
@@ -207,31 +209,110 @@ class Detector:
                 self._text_cache[key + (n,)] = e
         return torch.stack([self._text_cache[key + (n,)] for n in names])
 
+    def _exemplar_images(self, exemplar: Exemplar):
+        """The exemplar's images (RGB arrays) and their checked boxes."""
+        pairs = exemplar.pairs()
+        arrays = [load_rgb(im, f"Exemplar {exemplar.name!r}, image {i}") for i, (im, _) in enumerate(pairs)]
+        boxes = [_check_boxes_in_image(b, a.shape[0], a.shape[1], f"Exemplar {exemplar.name!r}, image {i}")
+                 for i, (a, (_, b)) in enumerate(zip(arrays, pairs))]
+        return arrays, boxes
+
+    def region_embeddings(self, rgb: np.ndarray, boxes) -> torch.Tensor:
+        """``[R, D]`` unit-norm float32 region embeddings (CPU) of ``boxes`` (XYXY, original pixels)
+        of an RGB image, the image prepared as the detector prepares its inputs."""
+        inp, tfm = self._model_input(rgb)
+        scaled = torch.as_tensor(tfm.apply_box(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+                                 dtype=torch.float32).reshape(-1, 4)
+        return self.model.encode_boxes([inp], [scaled])[0].float().cpu()
+
     def exemplar_embedding(self, exemplar: Exemplar) -> torch.Tensor:
         """``[D]`` unit-norm float32 embedding (CPU) of an :class:`Exemplar`: the mean of the
         L2-normalised region embeddings (``model.encode_boxes``) of its boxes, each image prepared
         as the detector prepares its inputs (resized to the test size, boxes scaled with it),
         normalised again."""
-        pairs = exemplar.pairs()
-        arrays = [load_rgb(im, f"Exemplar {exemplar.name!r}, image {i}") for i, (im, _) in enumerate(pairs)]
-        boxes = [_check_boxes_in_image(b, a.shape[0], a.shape[1], f"Exemplar {exemplar.name!r}, image {i}")
-                 for i, (a, (_, b)) in enumerate(zip(arrays, pairs))]
+        arrays, boxes = self._exemplar_images(exemplar)
         key = (_module_signature(self.model.backbone), _module_signature(self.model.roi_heads),
                tuple((a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest(), b.tobytes())
                      for a, b in zip(arrays, boxes)))
         if key in self._exemplar_cache:
             self._exemplar_cache.move_to_end(key)
             return self._exemplar_cache[key]
-        regions = []
-        for a, b in zip(arrays, boxes):
-            inp, tfm = self._model_input(a)
-            scaled = torch.as_tensor(tfm.apply_box(b), dtype=torch.float32).reshape(-1, 4)
-            regions.append(self.model.encode_boxes([inp], [scaled])[0].float().cpu())
+        regions = [self.region_embeddings(a, b) for a, b in zip(arrays, boxes)]
         emb = torch.nn.functional.normalize(torch.cat(regions).mean(dim=0), dim=0)
         self._exemplar_cache[key] = emb
         while len(self._exemplar_cache) > self.exemplar_cache_size:
             self._exemplar_cache.popitem(last=False)
         return emb
+
+    def calibrate_exemplars(self, references: Sequence[Exemplar], grid: int = 3) -> Dict[str, float]:
+        """Fit the map that puts exemplar classes on the text classes' scale, and use it from now on.
+
+        An exemplar embedding is a region embedding, so a region's cosine with it is far higher
+        (about 0.9 for any region) than with a class name's text embedding (a few hundredths):
+        mixed in one vocabulary, exemplar classes would win every region. Each ``reference`` is
+        an :class:`Exemplar` whose ``name`` is also a class name, with at least 2 boxes. For each,
+        the positives are its boxes (each compared with the mean of the *other* boxes, so no box
+        matches itself) and the negatives the other references' boxes and a ``grid x grid`` grid
+        of boxes plus the whole image on every reference image. The map ``cos -> a cos + b``
+        sends the mean exemplar cosine of positives and of negatives to the mean text cosine of
+        the same regions with the class name (averaged over the references). Afterwards every
+        :class:`Exemplar` class of a call scores ``(a cos + b) / T``; name classes are unchanged.
+        ``detector.exemplar_calibration = None`` goes back to raw cosines.
+
+        Returns ``{"scale": a, "bias": b, "positive_exemplar_cos", "negative_exemplar_cos",
+        "positive_text_cos", "negative_text_cos"}``.
+        """
+        refs = list(references) if not isinstance(references, Exemplar) else [references]
+        if not refs or not all(isinstance(r, Exemplar) for r in refs):
+            raise DetectorInputError("calibrate_exemplars: give a list of Exemplar(name, image, boxes) whose names "
+                                     "are class names (e.g. classes with annotated boxes in a validation set)")
+        per_ref, background = [], []
+        for ref in refs:
+            arrays, boxes = self._exemplar_images(ref)
+            if sum(len(b) for b in boxes) < 2:
+                raise DetectorInputError(f"calibrate_exemplars: Exemplar {ref.name!r} has fewer than 2 boxes; each "
+                                         "reference needs 2 or more (every box is compared with the others' mean)")
+            per_ref.append(torch.cat([self.region_embeddings(a, b) for a, b in zip(arrays, boxes)]))
+            for a in arrays:
+                h, w = a.shape[:2]
+                cells = [[x * w / grid, y * h / grid, (x + 1) * w / grid, (y + 1) * h / grid]
+                         for x in range(grid) for y in range(grid)] + [[0, 0, w, h]]
+                background.append(self.region_embeddings(a, cells))
+        # in float64: the map divides by a difference of two cosines near 1
+        text = self.text_embeddings([r.name for r in refs]).double()
+        background = torch.cat(background).double()
+        per_ref = [r.double() for r in per_ref]
+        stats = []
+        for k, regions in enumerate(per_ref):
+            total = regions.sum(dim=0)
+            # each box against the mean of the other boxes of its reference
+            loo = torch.nn.functional.normalize((total[None] - regions) / (len(regions) - 1), dim=-1)
+            pos_e = (regions * loo).sum(dim=-1).mean()
+            pos_t = (regions @ text[k]).mean()
+            e = torch.nn.functional.normalize(total, dim=0)
+            neg = torch.cat([background] + [r for j, r in enumerate(per_ref) if j != k])
+            stats.append(torch.stack([pos_e, (neg @ e).mean(), pos_t, (neg @ text[k]).mean()]))
+        pe, ne, pt, nt = torch.stack(stats).mean(dim=0).tolist()
+        if pe - ne <= 1e-6:
+            raise DetectorInputError(f"calibrate_exemplars: the references' boxes are no closer to their own "
+                                     f"exemplars ({pe:.3f}) than other regions are ({ne:.3f}): give references whose "
+                                     "boxes show their class")
+        a = (pt - nt) / (pe - ne)
+        b = pt - a * pe
+        self.exemplar_calibration = (a, b)
+        return {"scale": a, "bias": b, "positive_exemplar_cos": pe, "negative_exemplar_cos": ne,
+                "positive_text_cos": pt, "negative_text_cos": nt}
+
+    def logit_affine(self, classes=None) -> Optional[torch.Tensor]:
+        """``[C, 2]`` (scale, bias) per class of a call's ``classes``: the exemplar calibration for
+        :class:`Exemplar` classes, the identity for names; None when no class needs one."""
+        if self.exemplar_calibration is None or classes is None or isinstance(classes, str):
+            return None
+        items = [classes] if isinstance(classes, Exemplar) else list(classes)
+        if not any(isinstance(c, Exemplar) for c in items):
+            return None
+        a, b = self.exemplar_calibration
+        return torch.tensor([[a, b] if isinstance(c, Exemplar) else [1.0, 0.0] for c in items], dtype=torch.float32)
 
     def vocabulary(self, classes=None) -> Tuple[torch.Tensor, Optional[List[str]]]:
         """``([C, D] embeddings, C names)`` of a call's ``classes`` (see :meth:`__call__`)."""
@@ -352,7 +433,7 @@ class Detector:
             emb, names = self.vocabulary(classes)
             label_names = names if names is not None else [str(i) for i in range(emb.shape[0])]
             thresholds = class_thresholds(threshold, label_names, default_threshold)
-            self.model.set_vocabulary(emb, names)
+            self.model.set_vocabulary(emb, names, logit_affine=self.logit_affine(classes))
             for start in range(0, len(items), batch_size):
                 inputs = []
                 for i in range(start, min(start + batch_size, len(items))):

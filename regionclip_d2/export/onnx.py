@@ -46,7 +46,7 @@ def _sample_inputs(min_side: int, seed: int = 0, regions: int = 3):
 
 def export_onnx(model, vocabulary: torch.Tensor, names: Sequence[str], path: str, *, min_size_test: int,
                 max_size_test: int, check: bool = True, extra_info: Optional[Dict] = None,
-                pt2: bool = False) -> Dict:
+                pt2: bool = False, logit_affine: Optional[torch.Tensor] = None) -> Dict:
     """Export ``model``'s recognition branch with ``vocabulary`` (``[C, D]``, ``names``) folded in.
 
     Args:
@@ -54,6 +54,7 @@ def export_onnx(model, vocabulary: torch.Tensor, names: Sequence[str], path: str
         path: the ``.onnx`` file to write; ``<path without .onnx>.json`` describes it.
         min_size_test, max_size_test: the detector's ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``,
             recorded so that a runner resizes images as the detector does.
+        logit_affine: ``[C, 2]`` per-class (scale, bias) of the cosines (calibrated exemplars).
         check: run the file with onnxruntime on two inputs of different sizes and region counts
             and compare with eager PyTorch (``TOLERANCE``); a larger difference raises.
         extra_info: more entries for the JSON (config, weights, ...).
@@ -68,7 +69,7 @@ def export_onnx(model, vocabulary: torch.Tensor, names: Sequence[str], path: str
     if min_size_test <= 0:
         raise ValueError(f"INPUT.MIN_SIZE_TEST={min_size_test}: the exported graph's runner resizes images as the "
                          "detector does; set a positive INPUT.MIN_SIZE_TEST")
-    graph = RecognitionGraph(model, vocabulary, names).cpu().eval()
+    graph = RecognitionGraph(model, vocabulary, names, logit_affine).cpu().eval()
     image, boxes = _sample_inputs(graph.min_side)
     h, w = torch.export.Dim("height", min=graph.min_side), torch.export.Dim("width", min=graph.min_side)
     dynamic = {"image": {1: h, 2: w}, "boxes": {0: torch.export.Dim("regions", min=1)}}
@@ -117,8 +118,9 @@ def export_onnx(model, vocabulary: torch.Tensor, names: Sequence[str], path: str
 def export_detector(detector, path: str, classes=None, **kwargs) -> Dict:
     """:func:`export_onnx` for a :class:`regionclip_d2.Detector`: ``classes`` as its calls take
     them (names and ``Exemplar`` objects, or None for the configured vocabulary) become the folded
-    classifier."""
+    classifier, with the detector's exemplar calibration, if any."""
     emb, names = detector.vocabulary(classes)
+    kwargs.setdefault("logit_affine", detector.logit_affine(classes))
     if names is None:
         names = [f"class {i}" for i in range(emb.shape[0])]
     model = detector.model

@@ -51,6 +51,8 @@ class RecognitionGraph(nn.Module):
         model: a built :class:`CLIPFastRCNN` (C4 or FPN) in eval mode, weights loaded.
         vocabulary: ``[C, D]`` text embeddings (any scale; normalised here).
         names: the C class names, kept as ``class_names`` for whoever saves the graph.
+        logit_affine: ``[C, 2]`` per-class (scale, bias) of the cosines (calibrated exemplar
+            classes, ``Detector.logit_affine``), folded into the classifier's rows and bias.
 
     Forward inputs:
         image: ``[3, H, W]`` RGB, uint8 or float in 0..255 units, already resized as the
@@ -66,7 +68,8 @@ class RecognitionGraph(nn.Module):
         embeddings: ``[N, D]`` L2-normalised region embeddings in the text space.
     """
 
-    def __init__(self, model, vocabulary: torch.Tensor, names: Optional[Sequence[str]] = None):
+    def __init__(self, model, vocabulary: torch.Tensor, names: Optional[Sequence[str]] = None,
+                 logit_affine: Optional[torch.Tensor] = None):
         super().__init__()
         from ..grounding.predictor import GroundingPredictor
 
@@ -106,8 +109,16 @@ class RecognitionGraph(nn.Module):
         self.size_divisibility = int(self.backbone.size_divisibility)
         coarsest = max(int(s.stride) for s in self.backbone.output_shape().values())
         self.min_side = max(MIN_SIDE, coarsest + 1)
-        # the folded classifier: rows = normalised text embeddings / temperature
-        self.register_buffer("classifier", F.normalize(vocabulary, dim=-1) / float(pred.temperature), False)
+        # the folded classifier: rows = normalised text embeddings * scale / temperature, bias / temperature
+        scale, bias = torch.ones(vocabulary.shape[0]), torch.zeros(vocabulary.shape[0])
+        if logit_affine is not None:
+            affine = torch.as_tensor(logit_affine, dtype=torch.float32)
+            if affine.shape != (vocabulary.shape[0], 2):
+                raise ValueError(f"logit_affine of shape {tuple(affine.shape)}: expected [{vocabulary.shape[0]}, 2]")
+            scale, bias = affine[:, 0], affine[:, 1]
+        t = float(pred.temperature)
+        self.register_buffer("classifier", F.normalize(vocabulary, dim=-1) * (scale / t)[:, None], False)
+        self.register_buffer("classifier_bias", bias / t, False)
 
     @property
     def num_classes(self) -> int:
@@ -153,7 +164,7 @@ class RecognitionGraph(nn.Module):
         if self.projection is not None:
             x = self.projection(x)
         emb = F.normalize(x.float(), dim=-1)
-        logits = emb @ self.classifier.t()
+        logits = emb @ self.classifier.t() + self.classifier_bias
         logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=1)  # cos(x, 0) := 0
         return F.softmax(logits, dim=-1), refined, emb
 

@@ -38,12 +38,15 @@ def scene(h=150, w=200, seed=0):
 BOXES = [[30, 20, 100, 80], [120, 90, 190, 140], [0, 0, 200, 150], [60, 60, 75, 70]]
 
 
-@pytest.mark.parametrize("config, box_deltas", [(C4_GT, False), (FPN_GT, True)])
-def test_onnx_equals_pytorch_and_the_runner_equals_the_detector(config, box_deltas, tiny_clip_config, tmp_path):
+@pytest.mark.parametrize("config, box_deltas, calibrated", [(C4_GT, False, True), (FPN_GT, True, False)])
+def test_onnx_equals_pytorch_and_the_runner_equals_the_detector(config, box_deltas, calibrated, tiny_clip_config,
+                                                               tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg(config, tiny_clip_config, extra=SMALL + ["MODEL.CLIP.NO_BOX_DELTA", not box_deltas])
     det = Detector.from_config(cfg, device="cpu", allow_random_weights=True)
     classes = ["cat", Exemplar("blue block", image=scene(seed=3), boxes=[[120, 90, 190, 140]]), "dog"]
+    if calibrated:  # the per-class affine map of calibrated exemplars is folded into the classifier too
+        det.calibrate_exemplars([Exemplar("cat", image=scene(seed=4), boxes=[[30, 20, 100, 80], [0, 0, 90, 70]])])
     path = str(tmp_path / "out" / "recognition.onnx")
     info = export_detector(det, path, classes=classes, pt2=True)
     assert info["class_names"] == ["cat", "blue block", "dog"]
@@ -64,7 +67,7 @@ def test_onnx_equals_pytorch_and_the_runner_equals_the_detector(config, box_delt
     program = torch.export.load(str(tmp_path / "out" / "recognition.pt2"))
     x = torch.as_tensor(scene(seed=2)[:100, :120].transpose(2, 0, 1).copy())
     b = torch.tensor([[5.0, 5.0, 60.0, 50.0]])
-    graph = RecognitionGraph(det.model, *det.vocabulary(classes))
+    graph = RecognitionGraph(det.model, *det.vocabulary(classes), det.logit_affine(classes))
     with torch.no_grad():
         for a, r in zip(program.module()(x, b), graph(x, b)):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=0)

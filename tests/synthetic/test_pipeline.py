@@ -196,7 +196,6 @@ def test_exemplars_tool_gives_novel_shapes_by_example_boxes_from_val(tiny_run):
     """tools/synthetic_exemplars.py: the test vocabulary's novel rows become the mean region
     embedding of val-split example boxes, the base rows stay the names; both are evaluated."""
     import torch
-
     from synthetic_pipeline import Pipeline
 
     out, _ = tiny_run

@@ -158,13 +158,17 @@ class CLIPFastRCNN(TwoBranchModel):
         return emb, names
 
     def set_vocabulary(self, vocabulary: Union[Sequence[str], str, torch.Tensor],
-                       names: Optional[Sequence[str]] = None, train: bool = False):
+                       names: Optional[Sequence[str]] = None, train: bool = False,
+                       logit_affine: Optional[torch.Tensor] = None):
         """Set the vocabulary used by the next inference (or training, with ``train=True``).
 
         ``vocabulary``: class names (a list, a builtin name such as ``coco`` / ``lvis``, a
         .txt/.json file, or ``"a,b,c"``), embedded with the model's language encoder
         (cached on disk) and embedded again if new text-encoder weights are loaded later, or
-        a ``[C, D]`` tensor of text embeddings (then ``names`` is optional).
+        a ``[C, D]`` tensor of text embeddings (then ``names`` is optional). ``logit_affine``
+        (tensor vocabularies only): ``[C, 2]`` per-class (scale, bias) applied to the cosines
+        before the temperature, e.g. for classes given by image exemplars
+        (``Detector.calibrate_exemplars``).
 
         Thread safety: the embeddings and names are replaced together, under a lock. Calls
         of the model running in other threads meanwhile each use either the old or the new
@@ -172,8 +176,10 @@ class CLIPFastRCNN(TwoBranchModel):
         names): change the vocabulary while no prediction is in flight.
         """
         if torch.is_tensor(vocabulary):
-            self._vocabulary(train).set(vocabulary, names, source="tensor")
+            self._vocabulary(train).set(vocabulary, names, source="tensor", logit_affine=logit_affine)
             return names
+        if logit_affine is not None:
+            raise ValueError("logit_affine needs a [C, D] tensor vocabulary (names are embedded later)")
         emb, names = self.embed_vocabulary(vocabulary)
         self._vocabulary(train).set(emb, names, source="names")
         return names

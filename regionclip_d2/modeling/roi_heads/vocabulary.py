@@ -9,6 +9,11 @@ again after new text-encoder weights are loaded.
 :class:`TextEmbeddingClassifier` owns the training and the test vocabulary and scores region
 embeddings against the active one: ``[cos(x, W_1) .. cos(x, W_C), cos(x, 0)] / T``, the
 all-zero background embedding last. It is the box predictor's ``cls_score``.
+
+A vocabulary may carry a per-class affine map of the cosines, ``cos * scale_c + bias_c`` before
+the temperature (``logit_affine`` ``[C, 2]``; empty = the identity for every class). It is how
+classes given by image exemplars are put on the text classes' scale
+(:meth:`regionclip_d2.Detector.calibrate_exemplars`); the background column stays 0.
 """
 import threading
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -39,6 +44,7 @@ class Vocabulary(nn.Module):
         self.embed_dim = embed_dim
         self.name = name  # "training vocabulary" / "test vocabulary", for messages
         self.register_buffer("embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("logit_affine", torch.zeros(0, 2), persistent=False)  # empty: scale 1, bias 0
         self.names: Optional[List[str]] = None
         self.source = ""  # "" (unset) | "tensor" | "names" | a file path
         self.stale = False
@@ -64,13 +70,23 @@ class Vocabulary(nn.Module):
                 f"{self.embed_dim}: set MODEL.CLIP.TEXT_EMB_DIM or use embeddings from the same CLIP model")
         return emb.detach().float().to(self.embeddings.device)
 
-    def set(self, embeddings: torch.Tensor, names: Optional[Sequence[str]] = None, source: str = "tensor"):
-        """Replace the embeddings and names together (``source``: where they came from)."""
+    def set(self, embeddings: torch.Tensor, names: Optional[Sequence[str]] = None, source: str = "tensor",
+            logit_affine: Optional[torch.Tensor] = None):
+        """Replace the embeddings and names together (``source``: where they came from;
+        ``logit_affine``: ``[C, 2]`` per-class (scale, bias) of the cosines, or None)."""
         emb = self._checked(embeddings)
         if names is not None and len(names) != emb.shape[0]:
             raise ValueError(f"{self.name}: {len(names)} names given for {emb.shape[0]} embeddings")
+        if logit_affine is None:
+            affine = torch.zeros(0, 2, device=emb.device)
+        else:
+            affine = torch.as_tensor(logit_affine, dtype=torch.float32).detach().to(emb.device)
+            if affine.shape != (emb.shape[0], 2) or not bool(torch.isfinite(affine).all()):
+                raise ValueError(f"{self.name}: logit_affine must be a finite [C, 2] tensor of (scale, bias) per "
+                                 f"class, C = {emb.shape[0]}; got shape {tuple(affine.shape)}")
         with self.lock:
             self.embeddings = emb
+            self.logit_affine = affine
             self.names = list(names) if names is not None else None
             self.source = source
             self.stale = False
@@ -121,22 +137,29 @@ class TextEmbeddingClassifier(nn.Module):
     def embeddings(self) -> torch.Tensor:
         """The active ``[C, D]`` embeddings; a clear error when there are none (or they wait
         for the text encoder)."""
+        return self.embeddings_and_affine()[0]
+
+    def embeddings_and_affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The active ``[C, D]`` embeddings and their ``[C, 2]`` logit affine map (None when
+        there is none), read together."""
         vocab = self.active()
         with vocab.lock:
             if vocab.stale:
                 raise NoVocabularyError(f"the {vocab.name} ({len(vocab)} names) has not been embedded yet: "
                                         "call the detector (or its prepare_vocabulary()) rather than its "
                                         "box predictor directly")
-            emb = vocab.embeddings
+            emb, affine = vocab.embeddings, vocab.logit_affine
         if emb.shape[0] == 0:
             raise NoVocabularyError(
                 "the detector has no vocabulary: call model.set_vocabulary([...names...]) or set "
                 "MODEL.CLIP.TEXT_EMB_PATH / MODEL.CLIP.VOCABULARY (and OPENSET_TEST_* for a test vocabulary)")
-        return emb
+        return emb, (affine if affine.shape[0] else None)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        vocab = self.embeddings()
+        vocab, affine = self.embeddings_and_affine()
         with torch.autocast(emb.device.type, enabled=False):  # the classifier always runs in float32
             logits = F.normalize(emb.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).t()
+            if affine is not None:
+                logits = logits * affine[:, 0] + affine[:, 1]
         bg = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)  # cos(x, 0) := 0
         return torch.cat([logits, bg], dim=1) / self.temperature
