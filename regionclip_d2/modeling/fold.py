@@ -1,5 +1,8 @@
 """Folding frozen BatchNorms into the convolutions before them, for inference.
 
+Measured by ``bench/fold_frozen_bn.py``; not used on the detector's inference path, because it
+did not pay on the CPUs measured (see the README's speed section).
+
 A ``FrozenBatchNorm2d`` after a convolution is a fixed per-channel affine map,
 ``y = x * s + t`` with ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``,
 so ``bn(conv(x)) = conv'(x)`` with ``W' = W * s`` (per output channel) and ``b' = b * s + t``.
@@ -34,13 +37,23 @@ __all__ = ["fold_frozen_batchnorm", "folded_copy"]
 _PAIRED_TYPES = ("Bottleneck", "ModifiedResNet", "CLIPResNet")
 
 
-def _affine(bn: FrozenBatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    return scale, bn.bias - bn.running_mean * scale
+def _is_fixed_bn(m: nn.Module) -> bool:
+    """A BatchNorm that is a fixed affine map: frozen, or a BatchNorm2d in eval mode with running stats."""
+    if isinstance(m, FrozenBatchNorm2d):
+        return True
+    return isinstance(m, nn.BatchNorm2d) and not m.training and m.track_running_stats and m.running_var is not None
+
+
+def _affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    var, mean = bn.running_var.float(), bn.running_mean.float()
+    weight = bn.weight.float() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.float() if bn.bias is not None else torch.zeros_like(var)
+    scale = weight * (var + bn.eps).rsqrt()
+    return scale, bias - mean * scale
 
 
 @torch.no_grad()
-def _fold_into(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
+def _fold_into(conv: nn.Conv2d, bn: nn.Module):
     if conv.weight.shape[0] != bn.weight.shape[0]:
         raise ValueError(f"cannot fold a BatchNorm of {bn.weight.shape[0]} channels into a convolution with "
                          f"{conv.weight.shape[0]} outputs")
@@ -52,13 +65,14 @@ def _fold_into(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
 
 
 def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Fold, in place, every ``FrozenBatchNorm2d`` of ``module`` that directly follows a
+    """Fold, in place, every fixed BatchNorm of ``module`` (a ``FrozenBatchNorm2d``, or a
+    ``BatchNorm2d`` in eval mode, e.g. a trained RPN branch's) that directly follows a
     convolution (the patterns in this module's docstring); each folded BatchNorm becomes an
     ``nn.Identity`` (or, for detectron2's ``Conv2d``, ``norm = None``). Returns how many were
     folded. Use it on a copy (:func:`folded_copy`) of a model that still trains or saves."""
     folded = 0
     for parent in list(module.modules()):
-        if isinstance(parent, D2Conv2d) and isinstance(getattr(parent, "norm", None), FrozenBatchNorm2d):
+        if isinstance(parent, D2Conv2d) and _is_fixed_bn(getattr(parent, "norm", None)):
             _fold_into(parent, parent.norm)
             parent.norm = None
             folded += 1
@@ -66,7 +80,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
         children = dict(parent.named_children())
         if type(parent).__name__ in _PAIRED_TYPES:
             for name, child in children.items():
-                if name.startswith("bn") and isinstance(child, FrozenBatchNorm2d):
+                if name.startswith("bn") and _is_fixed_bn(child):
                     conv = children.get("conv" + name[2:])
                     if isinstance(conv, nn.Conv2d) and not isinstance(conv, D2Conv2d):
                         _fold_into(conv, child)
@@ -75,7 +89,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
         if isinstance(parent, nn.Sequential):
             items = list(children.items())
             for (_, a), (name_b, b) in zip(items, items[1:]):
-                if isinstance(a, nn.Conv2d) and not isinstance(a, D2Conv2d) and isinstance(b, FrozenBatchNorm2d):
+                if isinstance(a, nn.Conv2d) and not isinstance(a, D2Conv2d) and _is_fixed_bn(b):
                     _fold_into(a, b)
                     setattr(parent, name_b, nn.Identity())
                     folded += 1
