@@ -39,6 +39,10 @@ def parse_args(argv=None):
     ap.add_argument("--synthetic", default=None, metavar="DIR",
                     help="export the detector of a finished synthetic demo run (e.g. output/synthetic_demo) with its "
                          "world's 12 shapes as the vocabulary (unless --vocabulary custom); leave out --config-file")
+    ap.add_argument("--compare-test-images", type=int, default=0, metavar="N",
+                    help="with --synthetic: run the exported file (regionclip_d2.export.OnnxRecognizer) and the "
+                         "PyTorch detector on the first N test images with their ground-truth boxes and report whether the "
+                         "detections agree, and the time each took")
     ap.add_argument("--pt2", action="store_true", help="also save the torch.export program (recognition.pt2)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip running the file with onnxruntime against PyTorch (done by default)")
@@ -46,6 +50,8 @@ def parse_args(argv=None):
                     help="export randomly initialised weights (a smoke test; the graph's outputs are meaningless)")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = ap.parse_args(argv)
+    if args.compare_test_images and not args.synthetic:
+        ap.error("--compare-test-images needs --synthetic (the synthetic world's test split has the boxes)")
     if args.synthetic and args.config_file:
         ap.error("--synthetic picks the run's own config and weights: leave out --config-file (use --opts for "
                  "other overrides)")
@@ -70,6 +76,7 @@ def main(argv=None):
         from synthetic_pipeline import finished_run_settings
 
         s = finished_run_settings(args.synthetic, "export")
+        world_test = s["world_test"]
         config, opts = s["config"], s["opts"] + opts
         if args.vocabulary != "custom":
             args.vocabulary, args.custom_vocabulary = "custom", s["vocabulary"].replace(", ", ",")
@@ -113,7 +120,46 @@ def main(argv=None):
     logger.info("wrote %s and %s", path, path[:-5] + ".json")
     if "check" in info:
         logger.info("onnxruntime vs PyTorch, largest absolute differences: %s", info["check"]["max_abs_diff"])
+    if args.compare_test_images:
+        print(compare_on_test_images(det, names, path, world_test, args.compare_test_images))
     return 0
+
+
+def compare_on_test_images(det, names, path, world_test, n):
+    """The exported file against the PyTorch detector ``det`` (built here in GT mode) on the first
+    ``n`` test images of a synthetic world with their ground-truth boxes: agreement and time."""
+    import json
+    import time
+
+    import numpy as np
+
+    from regionclip_d2.data.images import read_image
+    from regionclip_d2.export import OnnxRecognizer
+
+    with open(os.path.join(os.path.dirname(world_test), "annotations", "instances_test.json")) as f:
+        gt = json.load(f)
+    boxes = {}
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+    runner = OnnxRecognizer(path)
+    same = total = 0
+    worst, t_torch, t_onnx = 0.0, 0.0, 0.0
+    for im in [im for im in gt["images"] if im["id"] in boxes][:n]:
+        rgb = read_image(os.path.join(world_test, im["file_name"]), format="RGB")
+        t = time.perf_counter()
+        ref = det(rgb, classes=names, boxes=boxes[im["id"]], threshold=0.0)
+        t_torch += time.perf_counter() - t
+        t = time.perf_counter()
+        got = runner(rgb, boxes[im["id"]])
+        t_onnx += time.perf_counter() - t
+        total += 1
+        if len(got) == len(ref.scores) and got.pred_classes.tolist() == list(ref.label_ids):
+            same += 1
+            if len(got):
+                worst = max(worst, float(np.abs(got.scores.numpy() - ref.scores).max()))
+    return (f"{same}/{total} test images with the same detections from onnxruntime and PyTorch (ground-truth "
+            f"boxes; scores within {worst:.1e}); time onnxruntime {t_onnx:.2f} s, PyTorch {t_torch:.2f} s")
 
 
 if __name__ == "__main__":
