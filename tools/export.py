@@ -41,8 +41,8 @@ def parse_args(argv=None):
                          "world's 12 shapes as the vocabulary (unless --vocabulary custom); leave out --config-file")
     ap.add_argument("--compare-test-images", type=int, default=0, metavar="N",
                     help="with --synthetic: run the exported file (regionclip_d2.export.OnnxRecognizer) and the "
-                         "PyTorch detector on the first N test images with their ground-truth boxes and report whether the "
-                         "detections agree, and the time each took")
+                         "PyTorch detector on the first N test images with their ground-truth boxes and report "
+                         "whether the detections agree, and the time each took")
     ap.add_argument("--pt2", action="store_true", help="also save the torch.export program (recognition.pt2)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip running the file with onnxruntime against PyTorch (done by default)")
