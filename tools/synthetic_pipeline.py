@@ -317,9 +317,10 @@ class Pipeline:
         for name in ("fvcore", "detectron2", "d2", "regionclip_d2"):  # keep the console to the progress lines
             logging.getLogger(name).setLevel(logging.ERROR)
 
-    def zero_shot(self, student_weights, eval_tool: bool = True, teacher: bool = True):
-        """Region classification on GT boxes of the test split: world CLIP (``teacher``) vs
-        student; with ``eval_tool`` also zero-shot detection AP50 through tools/train_net.py."""
+    def zero_shot(self, student_weights, eval_tool: bool = True, teacher: bool = True, split: str = "test"):
+        """Region classification on GT boxes of the test split (or ``split``): world CLIP
+        (``teacher``) vs student; with ``eval_tool`` also zero-shot detection AP50 through
+        tools/train_net.py (test split only)."""
         import torch
 
         from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -332,8 +333,10 @@ class Pipeline:
         from regionclip_d2.evaluation.region_classification import region_classification_accuracy
 
         self._quiet_logs()
-        name = f"world_test_{os.getpid()}_{id(self)}"
-        register_coco_format(name, self.ann("test"), os.path.join(self.world, "test"))
+        if eval_tool and split != "test":
+            raise ValueError("the zero-shot evaluation tool runs on the test split: use eval_tool=False")
+        name = f"world_{split}_{os.getpid()}_{id(self)}"
+        register_coco_format(name, self.ann(split), os.path.join(self.world, split))
         dicts = DatasetCatalog.get(name)
         names = MetadataCatalog.get(name).thing_classes
         _, novel, _ = self.names()

@@ -90,6 +90,10 @@ def main(argv=None):
     ap.add_argument("--ablation-transfer", action="store_true",
                     help="the pretraining ablations also train the transfer detector from their student (about 4 "
                          "min more each) and the per-seed table reports transfer AP50 novel minus the world CLIP's")
+    ap.add_argument("--val-zero-shot", action="store_true",
+                    help="also measure zero-shot GT-box accuracy on the val split (three times the test split's "
+                         "images) for each seed's world CLIP, student and pretraining ablations, to show how much "
+                         "of a test-split difference is noise (one process, about a minute per model)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="runs at a time, as separate processes with an equal share of the CPU threads "
                          "(default: %(default)s); 1: one after another in this process")
@@ -135,13 +139,15 @@ def main(argv=None):
         with open(path) as f:
             runs[seed] = json.load(f)
     ablations, by_seed = ({}, {}) if args.no_ablations else run_ablations(args, overrides, ablation_seeds, chosen)
+    val = val_zero_shot(args, overrides, runs, by_seed) if args.val_zero_shot else {}
     md = (report(runs, ablations, args, time.time() - t0, ablation_seeds[0])
-          + seed_ablation_report(runs, by_seed))
+          + seed_ablation_report(runs, by_seed) + val_report(val))
     with open(os.path.join(args.output, "reproduce.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.output, "reproduce.json"), "w") as f:
         json.dump({"seeds": {s: {k: r[k] for k in ("zero_shot", "transfer", "teacher", "total_s")}
-                             for s, r in runs.items()}, "ablations": ablations, "ablations_by_seed": by_seed},
+                             for s, r in runs.items()}, "ablations": ablations, "ablations_by_seed": by_seed,
+                   "val_zero_shot": val},
                   f, indent=1, default=str)
     plot(runs, ablations, os.path.join(args.output, "reproduce.png"))
     print("\n".join(md))
@@ -317,6 +323,53 @@ def report(runs, ablations, args, seconds, s0=None):
                    f"{t_focal['AP50-all']:.1f} |",
                    f"| no focal scaling | {t_nofocal['AP50-novel']:.1f} | {t_nofocal['AP50-base']:.1f} | "
                    f"{t_nofocal['AP50-all']:.1f} |"]
+    return md
+
+
+def val_zero_shot(args, overrides, runs, by_seed):
+    """Zero-shot GT-box accuracy on the val split: {seed: {model: accuracies}} for each seed's
+    world CLIP, default student and finished pretraining ablations (cached per seed)."""
+    from synthetic_pipeline import Pipeline
+
+    out = {}
+    for seed in runs:
+        pipe = Pipeline(os.path.join(args.output, f"seed{seed}"), args.profile, seed, overrides)
+        models = [("RegionCLIP student", os.path.join(pipe.out, "pretrain", "model_final.pth"))]
+        for name in by_seed.get(seed, {}):
+            tag = os.path.splitext(os.path.basename(ablation_cache(args.output, seed, name)))[0]
+            models.append((name, os.path.join(pipe.out, "ablations", tag, "pretrain", "model_final.pth")))
+        path = os.path.join(pipe.out, "val_zero_shot.json")
+        res = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                res = json.load(f)
+        for i, (label, weights) in enumerate(models):
+            if label in res or not os.path.isfile(weights):
+                continue
+            print(f"=== val zero-shot: {label} (seed {seed}) ===", flush=True)
+            z = pipe.zero_shot(weights, eval_tool=False, teacher="world CLIP" not in res, split="val")
+            res.update({k if k == "world CLIP" else label: v for k, v in z.items()})
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+        out[seed] = res
+    return out
+
+
+def val_report(val):
+    """Each model minus the world CLIP of its seed on the val split, per seed and mean ± sd."""
+    seeds = [s for s in val if "world CLIP" in val[s]]
+    if not seeds:
+        return []
+    names = [n for n in val[seeds[0]] if n != "world CLIP" and all(n in val[s] for s in seeds)]
+    md = ["", f"Zero-shot GT-box accuracy on the val split (seeds {', '.join(map(str, seeds))}): each model minus the "
+          "world CLIP of the same seed, per seed, then mean ± standard deviation:", "",
+          "| model | novel | all | per seed (novel) | per seed (all) | world CLIP, per seed (all) |",
+          "|---|---|---|---|---|---|"]
+    for n in names:
+        d = {k: [val[s][n][f"acc-{k}"] - val[s]["world CLIP"][f"acc-{k}"] for s in seeds] for k in ("novel", "all")}
+        md.append(f"| {n} | {fmt(mean_std(d['novel']))} | {fmt(mean_std(d['all']))} | "
+                  + ", ".join(f"{v:+.1f}" for v in d["novel"]) + " | " + ", ".join(f"{v:+.1f}" for v in d["all"])
+                  + " | " + ", ".join(f"{val[s]['world CLIP']['acc-all']:.1f}" for s in seeds) + " |")
     return md
 
 

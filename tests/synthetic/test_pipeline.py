@@ -218,3 +218,16 @@ def test_exemplars_tool_gives_novel_shapes_by_example_boxes_from_val(tiny_run):
     r = subprocess.run([sys.executable, "tools/synthetic_exemplars.py", "--run", str(out), "--shots", "1000"],
                        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode != 0 and "fewer than 1000 boxes" in r.stderr and "use fewer shots" in r.stderr
+
+
+def test_export_of_the_runs_detector_agrees_with_pytorch_on_test_images(tiny_run):
+    """tools/export.py --synthetic: the run's own detector and 12 shapes, exported and run by
+    onnxruntime on test images with their GT boxes, gives PyTorch's detections."""
+    out, _ = tiny_run
+    r = subprocess.run([sys.executable, "tools/export.py", "--synthetic", str(out), "--output", str(out / "export"),
+                        "--compare-test-images", "3"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "3/3 test images with the same detections" in r.stdout
+    info = json.loads((out / "export" / "recognition.json").read_text())
+    assert len(info["class_names"]) == 12 and info["random_weights"] is False

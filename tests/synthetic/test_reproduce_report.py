@@ -79,3 +79,15 @@ def test_cached_recomputes_a_result_without_the_needed_keys(tmp_path):
     assert cached(path, lambda: run({"other": 2})) == {"zero_shot": 1}  # stored: not run again
     assert cached(path, lambda: run({"zero_shot": 1, "transfer": 3}), needs=("transfer",))["transfer"] == 3
     assert len(calls) == 2
+
+
+def test_val_report_by_hand():
+    from synthetic_reproduce import val_report
+
+    val = {0: {"world CLIP": _zs(40.0, 50.0), "RegionCLIP student": _zs(41.0, 49.0), "grid regions": _zs(38.0, 50.0)},
+           1: {"world CLIP": _zs(30.0, 44.0), "RegionCLIP student": _zs(33.0, 45.0)}}
+    md = val_report(val)
+    rows = [line for line in md if line.startswith("| ") and not line.startswith("| model")]
+    # grid regions lacks seed 1: left out; the student: novel +1, +3 -> 2.0 ± 1.4; all -1, +1 -> 0.0 ± 1.4
+    assert rows == ["| RegionCLIP student | 2.0 ± 1.4 | 0.0 ± 1.4 | +1.0, +3.0 | -1.0, +1.0 | 50.0, 44.0 |"]
+    assert val_report({}) == []
