@@ -1,7 +1,8 @@
 """Folding frozen BatchNorms into the convolutions before them, for inference.
 
-Measured by ``bench/fold_frozen_bn.py``; not used on the detector's inference path, because it
-did not pay on the CPUs measured (see the README's speed section).
+Used by the detectors' inference with ``MODEL.CLIP.FOLD_BATCHNORM`` (opt-in, off by default:
+measured by ``bench/fold_frozen_bn.py`` and ``bench/run.py``, it did not pay end-to-end on the
+CPU measured; see the README's speed section).
 
 A ``FrozenBatchNorm2d`` after a convolution is a fixed per-channel affine map,
 ``y = x * s + t`` with ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``,

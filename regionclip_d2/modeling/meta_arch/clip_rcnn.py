@@ -54,8 +54,9 @@ class CLIPFastRCNN(TwoBranchModel):
                  inference_dtype: str = "float32", channels_last: bool = False,
                  train_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
                  test_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
-                 lang_encoder_loaded: bool = False, rpn_weights_file: str = ""):
+                 lang_encoder_loaded: bool = False, rpn_weights_file: str = "", fold_batchnorm: bool = False):
         super().__init__()
+        self.__dict__["fold_batchnorm"] = fold_batchnorm
         if region_type not in REGION_TYPES:
             raise ValueError(f"MODEL.CLIP.CROP_REGION_TYPE={region_type!r}: use one of {REGION_TYPES}")
         if region_type == "RPN" and (offline_backbone is None or offline_proposal_generator is None):
@@ -79,7 +80,7 @@ class CLIPFastRCNN(TwoBranchModel):
                               offline_input_format=offline_input_format, train_offline_rpn=train_offline_rpn,
                               rpn_weights_file=rpn_weights_file)
         if hasattr(self.roi_heads, "set_region_encoder"):  # C4: res5 + attention pool are the backbone's
-            self.roi_heads.set_region_encoder(self.clip_resnet.encode_pooled_regions)
+            self.roi_heads.set_region_encoder(self.encode_pooled_regions)
         if hasattr(self.roi_heads.box_predictor, "set_token_encoder"):  # grounding: prompt tokens from the text tower
             if lang_encoder is None:
                 raise ValueError("MODEL.GROUNDING.ENABLED needs the CLIP text tower: set MODEL.CLIP.OPENCLIP_MODEL "
@@ -109,6 +110,7 @@ class CLIPFastRCNN(TwoBranchModel):
             "prompt_templates": c.PROMPT_TEMPLATES,
             "inference_dtype": c.INFERENCE_DTYPE,
             "channels_last": c.CHANNELS_LAST,
+            "fold_batchnorm": c.FOLD_BATCHNORM,
         }
         ret.update(rpn_branch_from_config(cfg))
         ret.update(load_from_cfg(cfg, ret))
@@ -119,6 +121,11 @@ class CLIPFastRCNN(TwoBranchModel):
     def clip_resnet(self):
         """The CLIP ResNet (``backbone`` in C4, ``backbone.bottom_up`` in FPN)."""
         return getattr(self.backbone, "bottom_up", self.backbone)
+
+    def encode_pooled_regions(self, pooled: torch.Tensor) -> torch.Tensor:
+        """C4 region encoder (res5 + attention pool of the CLIP ResNet, folded while folding)."""
+        resnet = self.inference_module("backbone")
+        return getattr(resnet, "bottom_up", resnet).encode_pooled_regions(pooled)
 
     @property
     def embed_dim(self) -> int:
@@ -260,8 +267,14 @@ class CLIPFastRCNN(TwoBranchModel):
         self.prepare_vocabulary()  # outside inference mode: the embeddings may serve training later
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) \
             if self.inference_dtype == "bfloat16" else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            return self._inference(batched_inputs, do_postprocess)
+        if self.fold_batchnorm:
+            self.folded_modules()  # made outside inference mode (their tensors are ordinary ones)
+        self.set_folding(self.fold_batchnorm)
+        try:
+            with torch.inference_mode(), autocast:
+                return self._inference(batched_inputs, do_postprocess)
+        finally:
+            self.set_folding(False)
 
     def _inference(self, batched_inputs, do_postprocess):
         regions = self.get_regions(batched_inputs)
@@ -269,7 +282,7 @@ class CLIPFastRCNN(TwoBranchModel):
         results = [None] * len(batched_inputs)
         nonempty = [i for i, r in enumerate(regions) if len(r) > 0]
         if nonempty:
-            features = self.backbone(images.tensor)
+            features = self.inference_module("backbone")(images.tensor)
             if len(nonempty) < len(regions):
                 features = {k: v[nonempty] for k, v in features.items()}
                 sub_images = ImageList(images.tensor[nonempty], [images.image_sizes[i] for i in nonempty])

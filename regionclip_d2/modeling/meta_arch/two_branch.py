@@ -7,6 +7,7 @@ holds the input normalisation of both, the RPN branch (built by :func:`rpn_branc
 its freezing and train/eval handling, :meth:`TwoBranchModel.propose`, and the load hook that
 maps any supported weight file onto the model's keys.
 """
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +19,12 @@ from detectron2.modeling import build_backbone, build_proposal_generator
 from detectron2.structures import ImageList, Instances
 
 from ...checkpoint.loading import install_load_hook
+
+# shared by all models (a lock or thread-local attribute would make a model impossible to deepcopy
+# or pickle): the folded copies are made under the lock; _FOLDING.models holds, per thread, the
+# ids of the models whose current inference call runs them
+_FOLD_LOCK = threading.Lock()
+_FOLDING = threading.local()
 
 
 def build_offline_rpn_cfg(cfg, post_nms_topk_test: Optional[int] = None):
@@ -92,6 +99,11 @@ class TwoBranchModel(nn.Module):
             for p in m.parameters():
                 p.requires_grad = False
         install_load_hook(self)
+        # MODEL.CLIP.FOLD_BATCHNORM: inference runs folded copies of the backbones (see
+        # inference_backbones); not registered as submodules, so weights and training are untouched
+        self.__dict__.setdefault("fold_batchnorm", False)
+        self.__dict__["_folded"] = None
+        self.register_load_state_dict_post_hook(lambda model, keys: model.drop_folded())
 
     @property
     def has_rpn_branch(self) -> bool:
@@ -108,7 +120,50 @@ class TwoBranchModel(nn.Module):
         super().train(mode)
         for m in self.frozen_modules():
             m.eval()
+        self.drop_folded()
         return self
+
+    # ------------------------------------------------------------------ folded BatchNorms
+    def drop_folded(self):
+        """Forget the folded copies (weights, mode or device changed; made again when needed)."""
+        if "_folded" in self.__dict__:
+            self.__dict__["_folded"] = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .float(): the copies follow by being made again
+        out = super()._apply(fn, *args, **kwargs)
+        self.drop_folded()
+        return out
+
+    def folded_modules(self) -> Dict[str, nn.Module]:
+        """Copies of ``backbone`` and the RPN branch's backbone with their fixed BatchNorms folded
+        into the convolutions (``regionclip_d2.modeling.fold``), made on first use after the
+        model last changed mode, weights or device. Changing parameters in place afterwards
+        needs :meth:`drop_folded` (``model.eval()`` does it)."""
+        from ..fold import folded_copy
+
+        with _FOLD_LOCK:
+            if self._folded is None:
+                folded = {"backbone": folded_copy(self.backbone)}
+                if self.has_rpn_branch:
+                    folded["offline_backbone"] = folded_copy(self.offline_backbone)
+                self.__dict__["_folded"] = folded
+            return self._folded
+
+    def folding(self) -> bool:
+        """True inside an inference call of this thread that runs the folded copies."""
+        return id(self) in getattr(_FOLDING, "models", ())
+
+    def set_folding(self, on: bool):
+        """Run the folded copies (or not) in this thread's calls (the inference of subclasses)."""
+        models = _FOLDING.__dict__.setdefault("models", set())
+        if on:
+            models.add(id(self))
+        else:
+            models.discard(id(self))
+
+    def inference_module(self, name: str) -> nn.Module:
+        """``backbone`` / ``offline_backbone``, or its folded copy while :meth:`folding`."""
+        return self.folded_modules()[name] if self.folding() else getattr(self, name)
 
     @property
     def device(self):
@@ -163,6 +218,6 @@ class TwoBranchModel(nn.Module):
         trained = self.training and self.train_offline_rpn and gt_instances is not None
         with torch.set_grad_enabled(trained):
             images = self.offline_preprocess_image(batched_inputs)
-            features = self.offline_backbone(images.tensor)
+            features = self.inference_module("offline_backbone")(images.tensor)
             proposals, losses = self.offline_proposal_generator(images, features, gt_instances if trained else None)
         return [p.to(self.device) for p in proposals], (losses if trained else {})
