@@ -48,9 +48,15 @@ def main(argv=None):
              f"{pipe.p['transfer_arch']}; test split):", "",
              "| novel classes given as | AP50 novel | base | all |", "|---|---|---|---|"]
     for label in ("names", "exemplars", "exemplars, calibrated"):
+        if label not in res:
+            continue
         r = res[label]
         lines.append(f"| {label} | {r['AP50-novel']:.1f} | {r['AP50-base']:.1f} | {r['AP50-all']:.1f} |")
     c = res["calibration"]
+    if "error" in c:
+        lines += ["", f"The calibration failed, so no calibrated row: {c['error']}"]
+        print("\n".join(lines))
+        return 0
     lines += ["", f"Calibration (fitted on the {len(pipe.names()[0])} base shapes' val boxes, {args.shots} each): "
               f"exemplar cosine x -> {c['scale']:.3f} x {c['bias']:+.3f}; exemplar cosines of positives / negatives "
               f"{c['positive_exemplar_cos']:.3f} / {c['negative_exemplar_cos']:.3f}, text cosines "

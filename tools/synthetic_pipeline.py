@@ -487,7 +487,8 @@ class Pipeline:
         embedding of ``shots`` val-split boxes (raw cosines); the same with the exemplar
         calibration (``Detector.calibrate_exemplars``) fitted on the base shapes' val boxes
         (``shots`` each, at least 2). Returns {"names", "exemplars", "exemplars, calibrated": AP50s,
-        "calibration": its statistics, "shots": shots}."""
+        "calibration": its statistics (or {"error": why it could not be fitted}, and then no
+        calibrated row), "shots": shots}."""
         import torch
 
         from detectron2.data import DatasetCatalog
@@ -501,6 +502,7 @@ class Pipeline:
                 + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
         opts = [str(o) for o in opts]
         out = os.path.join(self.out, "exemplars")
+        os.makedirs(out, exist_ok=True)
         name = f"world_test_exemplars_{os.getpid()}"
         if name not in DatasetCatalog.list():
             register_coco_format(name, self.ann("test"), os.path.join(self.world, "test"))
@@ -518,7 +520,11 @@ class Pipeline:
         for label, classes, calibrate in (("names", list(all_names), False), ("exemplars", mixed, False),
                                           ("exemplars, calibrated", mixed, True)):
             if calibrate:
-                results["calibration"] = det.calibrate_exemplars([as_exemplar(n, base_ex) for n in base])
+                try:
+                    results["calibration"] = det.calibrate_exemplars([as_exemplar(n, base_ex) for n in base])
+                except ValueError as e:  # e.g. an untrained detector whose regions do not separate classes
+                    results["calibration"] = {"error": str(e)}
+                    continue
             emb, names = det.vocabulary(classes)
             affine = det.logit_affine(classes)
             torch.save({"embeddings": emb, "names": names, "logit_affine": affine},

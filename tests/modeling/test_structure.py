@@ -83,7 +83,8 @@ def _check_rpn_branch_losses(tiny_clip_config):
 
 def test_c4_head_keeps_detectron2_signature_and_its_encoder_is_the_backbones(tiny_clip_config):
     model = tiny_model(C4_GT, tiny_clip_config)
-    assert model.roi_heads.region_encoder.__self__ is model.backbone
+    # the model's method, which runs the backbone's res5 + attention pool (or their folded copies)
+    assert model.roi_heads.region_encoder.__self__ is model
     assert not any(k.startswith("roi_heads.") and "layer4" in k for k in model.state_dict())  # res5 stays backbone.*
     x = image_input(96, 128, boxes=[[10, 10, 60, 70]])
     model.prepare_vocabulary()  # names from the config: embedded before the head is called directly
@@ -101,7 +102,7 @@ def test_deep_copy_and_pickle_of_a_detector_are_independent_and_load_any_format(
     want = model.encode_boxes(x, boxes)[0]
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         # the copy's RoI head encodes with the copy's backbone, not the original's
-        assert twin.roi_heads.region_encoder.__self__ is twin.backbone
+        assert twin.roi_heads.region_encoder.__self__ is twin
         torch.testing.assert_close(twin.encode_boxes(x, boxes)[0], want)
         with torch.no_grad():
             for p in twin.backbone.layer4.parameters():

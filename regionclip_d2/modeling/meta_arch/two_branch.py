@@ -103,7 +103,7 @@ class TwoBranchModel(nn.Module):
         # inference_backbones); not registered as submodules, so weights and training are untouched
         self.__dict__.setdefault("fold_batchnorm", False)
         self.__dict__["_folded"] = None
-        self.register_load_state_dict_post_hook(lambda model, keys: model.drop_folded())
+        self.register_load_state_dict_post_hook(_drop_folded_after_load)
 
     @property
     def has_rpn_branch(self) -> bool:
@@ -221,3 +221,8 @@ class TwoBranchModel(nn.Module):
             features = self.inference_module("offline_backbone")(images.tensor)
             proposals, losses = self.offline_proposal_generator(images, features, gt_instances if trained else None)
         return [p.to(self.device) for p in proposals], (losses if trained else {})
+
+
+def _drop_folded_after_load(model, incompatible_keys):
+    """Load post-hook (a module-level function, so that models pickle): new weights, new folded copies."""
+    model.drop_folded()
