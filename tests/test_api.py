@@ -242,6 +242,18 @@ def test_exemplar_of_a_gt_box_labels_that_box(tiny_clip_config):
     assert res3.labels == ["mug"]
 
 
+def test_mixing_names_and_uncalibrated_exemplars_warns_once(tiny_clip_config, caplog):
+    det = Detector.from_config(small_cfg(tiny_clip_config, C4_GT), allow_random_weights=True)
+    img = red_square(70, 100)
+    mug = Exemplar("mug", img, [[20, 10, 65, 45]])
+    with caplog.at_level("WARNING", logger="regionclip_d2"):
+        det(img, classes=[mug], boxes=[[20, 10, 65, 45]])  # exemplars only: nothing to say
+        assert "without calibration" not in caplog.text
+        det(img, classes=["cat", mug], boxes=[[20, 10, 65, 45]])
+        det(img, classes=["dog", mug], boxes=[[20, 10, 65, 45]])
+    assert caplog.text.count("without calibration") == 1 and "calibrate_exemplars" in caplog.text
+
+
 def test_exemplar_calibration_by_hand(tiny_clip_config):
     """calibrate_exemplars: (a, b) send the references' mean leave-one-out exemplar cosine of
     positives and of negatives (other references' boxes, a grid and the whole image) to the

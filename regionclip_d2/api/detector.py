@@ -69,6 +69,7 @@ class Detector:
         self.exemplar_cache_size = 256
         # (scale, bias) that puts exemplar classes' cosines on the text classes' scale; None: raw cosines
         self.exemplar_calibration: Optional[Tuple[float, float]] = None
+        self._warned_uncalibrated = False
         self._lock = threading.RLock()
 
     def _model_vocabulary(self):
@@ -306,10 +307,18 @@ class Detector:
     def logit_affine(self, classes=None) -> Optional[torch.Tensor]:
         """``[C, 2]`` (scale, bias) per class of a call's ``classes``: the exemplar calibration for
         :class:`Exemplar` classes, the identity for names; None when no class needs one."""
-        if self.exemplar_calibration is None or classes is None or isinstance(classes, str):
+        if classes is None or isinstance(classes, str):
             return None
         items = [classes] if isinstance(classes, Exemplar) else list(classes)
         if not any(isinstance(c, Exemplar) for c in items):
+            return None
+        if self.exemplar_calibration is None:
+            if any(isinstance(c, str) for c in items) and not self._warned_uncalibrated:
+                self._warned_uncalibrated = True
+                logger.warning("Detector: classes mix names and Exemplar(...) without calibration: an exemplar's "
+                               "cosine with any region is far higher than a name's, so exemplar classes will take "
+                               "most regions. Call detector.calibrate_exemplars([...]) with reference exemplars of "
+                               "named classes first (README, 'Mixing exemplars with names')")
             return None
         a, b = self.exemplar_calibration
         return torch.tensor([[a, b] if isinstance(c, Exemplar) else [1.0, 0.0] for c in items], dtype=torch.float32)
