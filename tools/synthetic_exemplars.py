@@ -12,7 +12,6 @@ prints a table.
   python tools/synthetic_exemplars.py --run output/synthetic_demo --shots 5
 """
 import argparse
-import json
 import os
 import sys
 
@@ -30,18 +29,13 @@ def main(argv=None):
     if args.shots < 1:
         ap.error(f"--shots {args.shots}: give 1 or more")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from synthetic_pipeline import Pipeline, finished_run_settings
+    from synthetic_pipeline import finished_run_settings
 
-    finished_run_settings(args.run, "synthetic_exemplars")  # the run is complete, or a message says what to do
-    with open(os.path.join(args.run, "results.json")) as f:
-        results = json.load(f)
-    pipe = Pipeline(args.run, seed=int(results.get("seed", 0)), overrides=results["profile"])
-    shown = args.detector or results.get("demo_detector", "RegionCLIP student")
-    weights = results["transfer"][shown]["weights"]
-    if not os.path.isfile(weights):  # the run was moved
-        weights = os.path.join(pipe.out, "transfer", os.path.basename(os.path.dirname(weights)), "model_final.pth")
+    # the run is complete (or a message says what to do), and the detector's weights
+    s = finished_run_settings(args.run, "synthetic_exemplars", args.detector)
+    pipe, shown = s["pipeline"], s["label"]
     try:
-        res = pipe.exemplar_eval(weights, pipe.p["transfer_arch"], args.shots)
+        res = pipe.exemplar_eval(s["weights"], pipe.p["transfer_arch"], args.shots)
     except ValueError as e:
         raise SystemExit(f"synthetic_exemplars: {e}") from None
     lines = [f"Novel shapes by name or by {args.shots} val-split exemplars each ({shown} transfer detector, "

@@ -447,6 +447,13 @@ class Pipeline:
         chosen = set(with_novel + without)
         return [os.path.join(self.world, "test", f) for f, _ in files if f in chosen]
 
+    def detector_opts(self, detector_weights: str, arch: str) -> List[str]:
+        """Config overrides of a transfer detector of this run (``arch``: C4 or FPN) for the tools and
+        the API: its weights, the RPN branch, the world's CLIP, sizes and class counts."""
+        opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
+                + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
+        return [str(o) for o in opts]
+
     def demo(self, detector_weights, arch: str = "C4"):
         _, novel, all_names = self.names()
         images = self.demo_image_files()
@@ -454,10 +461,8 @@ class Pipeline:
         self.tool("demo.py", ["--config-file", TRANSFER_CONFIGS[arch], "--input"]
                   + images
                   + ["--output", out, "--vocabulary", "custom", "--custom-vocabulary", ",".join(all_names),
-                     "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts", "MODEL.WEIGHTS",
-                     detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights]
-                  + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
-                  + self.model_args(), "demo")
+                     "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts"]
+                  + self.detector_opts(detector_weights, arch), "demo")
         return out
 
     def exemplar_examples(self, shots: int, names=None) -> Dict[str, List]:
@@ -498,9 +503,7 @@ class Pipeline:
         from regionclip_d2.engine.trainer import RegionCLIPTrainer
 
         base, novel, all_names = self.names()
-        opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
-                + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
-        opts = [str(o) for o in opts]
+        opts = self.detector_opts(detector_weights, arch)
         out = os.path.join(self.out, "exemplars")
         os.makedirs(out, exist_ok=True)
         name = f"world_test_exemplars_{os.getpid()}"
@@ -704,11 +707,13 @@ def plot_results(results: Dict, path: str):
         logger.warning("could not draw the plot: %s", e)
 
 
-def finished_run_settings(run_dir: str, tool: str = "app") -> dict:
+def finished_run_settings(run_dir: str, tool: str = "app", detector: str = None) -> dict:
     """What ``tools/synthetic_pipeline.py``'s demo stage passes to ``tools/demo.py`` for a finished
-    run: the transfer config, the shown detector's weights, the RPN branch and the world's CLIP,
-    sizes and class counts; plus the world's class names, the demo threshold and test images.
-    ``tool`` names the caller in error messages (``--synthetic`` is its option)."""
+    run: the transfer config, the shown detector's weights (or ``detector``'s: "world CLIP" or
+    "RegionCLIP student"), the RPN branch and the world's CLIP, sizes and class counts; plus the
+    world's class names, the demo threshold and test images, the run's ``pipeline`` and the
+    detector's ``weights`` and ``label``. ``tool`` names the caller in error messages
+    (``--synthetic`` is its option)."""
     results_path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(results_path):
         raise SystemExit(f"{tool}: --synthetic {run_dir}: {results_path} not found: run `make demo` first (it writes "
@@ -717,7 +722,7 @@ def finished_run_settings(run_dir: str, tool: str = "app") -> dict:
         results = json.load(f)
     pipe = Pipeline(run_dir, seed=int(results.get("seed", 0)), overrides=results["profile"])
     arch = pipe.p["transfer_arch"]
-    shown = results.get("demo_detector", "RegionCLIP student")
+    shown = detector or results.get("demo_detector", "RegionCLIP student")
     weights = results["transfer"][shown]["weights"]
     if not os.path.isfile(weights):  # the run was moved: the same file under this folder
         weights = os.path.join(pipe.out, "transfer", os.path.basename(os.path.dirname(weights)), "model_final.pth")
@@ -726,9 +731,8 @@ def finished_run_settings(run_dir: str, tool: str = "app") -> dict:
             raise SystemExit(f"{tool}: --synthetic {run_dir}: {path} is missing: the run is incomplete; "
                              "run `make demo`")
     _, _, all_names = pipe.names()
-    opts = (["MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", pipe.rpn_weights] + pipe.size_args()
-            + (pipe.pool_args() if arch == "C4" else []) + pipe.class_args() + pipe.model_args())
-    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": [str(o) for o in opts],
+    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": pipe.detector_opts(weights, arch),
+            "pipeline": pipe, "weights": weights, "label": shown,
             "vocabulary": ", ".join(all_names), "threshold": float(pipe.p["demo_threshold"]),
             "world_test": os.path.join(pipe.world, "test"),
             "about": f"the synthetic demo's {shown} detector ({arch}) from {run_dir}"}

@@ -219,13 +219,12 @@ class GroundingPredictor(OpenVocabularyPredictor):
             torch.empty(0, dtype=torch.long, device=logits.device)
         num_classes = self.num_classes
         # the prompt's phrases are the classes in its label order (one prompt: 0..C-1)
+        labels = torch.tensor(prompt.labels, device=logits.device)
         pm = torch.zeros(num_classes, logits.shape[-1], device=logits.device)
-        pm[torch.tensor(prompt.labels, device=logits.device)] = prompt.positive_map().to(logits.device)
+        pm[labels] = prompt.positive_map().to(logits.device)
         with torch.no_grad():  # accuracy stats as detectron2 logs them: background wins below probability 0.5
-            probs = class_scores(logits.detach().float(), pm[torch.tensor(prompt.labels, device=logits.device)],
-                                 self.reduce)
-            full = probs.new_zeros(probs.shape[0], num_classes + 1)
-            full[:, torch.tensor(prompt.labels, device=logits.device)] = probs
+            full = logits.new_zeros(logits.shape[0], num_classes + 1, dtype=torch.float32)
+            full[:, labels] = class_scores(logits.detach().float(), pm[labels], self.reduce)
             full[:, num_classes] = 0.5
             _log_classification_stats(full, gt_classes)
         targets = token_targets(gt_classes, pm)

@@ -100,7 +100,7 @@ class TwoBranchModel(nn.Module):
                 p.requires_grad = False
         install_load_hook(self)
         # MODEL.CLIP.FOLD_BATCHNORM: inference runs folded copies of the backbones (see
-        # inference_backbones); not registered as submodules, so weights and training are untouched
+        # inference_module); not registered as submodules, so weights and training are untouched
         self.__dict__.setdefault("fold_batchnorm", False)
         self.__dict__["_folded"] = None
         self.register_load_state_dict_post_hook(_drop_folded_after_load)
