@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: setup demo reproduce demo-photo app test bench clean-venv
+.PHONY: setup demo reproduce clipself demo-photo app test bench clean-venv
 
 setup:
 	bash tools/setup/install.sh
@@ -15,6 +15,10 @@ demo: setup
 # the demo's claims over 3 seeds (mean and standard deviation) and the paper's ablations, two runs at a time
 reproduce: setup
 	$(PY) tools/synthetic_reproduce.py --output output/synthetic_reproduce
+
+# CLIPSelf and F-ViT in a synthetic world: a ViT world CLIP, its dense features before / after, F-ViT transfer
+clipself: setup
+	$(PY) tools/synthetic_clipself.py --output output/synthetic_clipself
 
 # the zero-shot detector on a real photo, with RANDOM weights (a smoke test of the app path)
 demo-photo: setup

@@ -66,17 +66,20 @@ PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=40, num_test=12,
 # profile's transfer_arch, and with c4_rows (when that is FPN) the C4 design adds its rows
 INITS = (("world CLIP", "world"), ("RegionCLIP student", "regionclip"))
 TRANSFER_CONFIGS = {"C4": "configs/synthetic/CLIP_fast_rcnn_world_ovd.yaml",
-                    "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml"}
+                    "FPN": "configs/synthetic/CLIP_fast_rcnn_world_ovd_FPN.yaml",
+                    "FVIT": "configs/synthetic/FViT_world_ovd.yaml"}  # FVIT: tools/synthetic_clipself.py
 
 
-def parse_overrides(pairs: List[str], profile: str = "demo") -> Dict:
-    """``["clip_steps=800", "pretrain_regions=GRID"]`` -> a dict typed like the profile's values."""
+def parse_overrides(pairs: List[str], profile: str = "demo", profiles: Dict = None) -> Dict:
+    """``["clip_steps=800", "pretrain_regions=GRID"]`` -> a dict typed like the profile's values
+    (``profiles``: where ``profile`` is defined, default this pipeline's)."""
+    defaults = (profiles or PROFILES)[profile]
     out = {}
     for kv in pairs:
         k, sep, v = kv.partition("=")
-        if not sep or k not in PROFILES[profile]:
-            raise ValueError(f"{kv!r}: expected KEY=VALUE with KEY in {list(PROFILES[profile])}")
-        kind = type(PROFILES[profile][k])
+        if not sep or k not in defaults:
+            raise ValueError(f"{kv!r}: expected KEY=VALUE with KEY in {list(defaults)}")
+        kind = type(defaults[k])
         try:
             out[k] = kind(v)
         except ValueError:
@@ -85,11 +88,13 @@ def parse_overrides(pairs: List[str], profile: str = "demo") -> Dict:
 
 
 class Pipeline:
+    profiles = PROFILES  # the profiles this pipeline runs (a subclass brings its own)
+
     def __init__(self, output_dir: str, profile: str = "demo", seed: int = 0, overrides: Dict = None,
                  python: str = sys.executable):
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}: use one of {list(PROFILES)}")
-        self.p = dict(PROFILES[profile], **(overrides or {}))
+        if profile not in self.profiles:
+            raise ValueError(f"unknown profile {profile!r}: use one of {list(self.profiles)}")
+        self.p = dict(self.profiles[profile], **(overrides or {}))
         self.out = os.path.abspath(output_dir)
         self.seed = seed
         self.python = python
@@ -199,10 +204,14 @@ class Pipeline:
                                           p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
                                           "--seed", self.seed if seed is None else seed, "--no-progress"]
                   + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else [])
-                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []),
+                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []) + self.clip_model_args(),
                   "clip" if seed is None else "teacher_clip")
         with open(os.path.join(out_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
+
+    def clip_model_args(self) -> List:
+        """Options of tools/train_world_clip.py that choose the model (the default: its ResNet)."""
+        return []
 
     def teacher_dir(self) -> str:
         return os.path.join(self.out, "teacher_clip")

@@ -14,6 +14,7 @@ Examples:
   python tools/make_synthetic_ovd.py --output-dir datasets/synthetic_ovd
   python tools/train_world_clip.py --world-dir datasets/synthetic_ovd --output-dir output/world_clip
   python tools/train_world_clip.py --world-dir /tmp/w --output-dir /tmp/clip --steps 50 --batch-size 32 --no-bf16
+  python tools/train_world_clip.py --world-dir datasets/synthetic_ovd --output-dir output/world_vit --image-tower vit
 """
 import argparse
 import json
@@ -35,6 +36,14 @@ def main(argv=None):
     ap.add_argument("--context-length", type=int, default=24, help="text context in tokens (default: %(default)s)")
     ap.add_argument("--model-config", default="", help="open_clip model-config JSON to train instead of the "
                                                        "default small ResNet CLIP for the world's image size")
+    ap.add_argument("--image-tower", choices=("resnet", "vit"), default="resnet",
+                    help="the default model's image tower: a ModifiedResNet (width 16, one block per stage) or a "
+                         "ViT (--patch-size, --vision-width, --vision-layers: what CLIPSelf trains) "
+                         "(default: %(default)s)")
+    ap.add_argument("--patch-size", type=int, default=8, help="ViT patch side in pixels (default: %(default)s)")
+    ap.add_argument("--vision-width", type=int, default=None,
+                    help="image tower width (default: 16 for the ResNet, 64 for the ViT)")
+    ap.add_argument("--vision-layers", type=int, default=4, help="ViT blocks (default: %(default)s)")
     ap.add_argument("--zoom-prob", type=float, default=0.0,
                     help="share of training images replaced by a random zoomed-in crop (default: %(default)s)")
     ap.add_argument("--zoom-min-scale", type=float, default=0.6,
@@ -83,6 +92,18 @@ def main(argv=None):
         from regionclip_d2.modeling.clip_model import get_clip_model_config
 
         model_cfg = get_clip_model_config("", args.model_config)
+    elif args.image_tower == "vit" or args.vision_width:
+        from regionclip_d2.synthetic.clip_training import world_clip_config
+        from regionclip_d2.synthetic.world import load_world
+
+        size = load_world(args.world_dir)["image_size"]
+        vit = args.image_tower == "vit"
+        try:
+            model_cfg = world_clip_config(size, args.context_length, vision_width=args.vision_width,
+                                          **(dict(patch_size=args.patch_size, vision_layers=args.vision_layers)
+                                             if vit else {}))
+        except ValueError as e:
+            ap.error(str(e))
     metrics = train_world_clip(
         args.world_dir, args.output_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed,

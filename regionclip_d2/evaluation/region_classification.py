@@ -3,7 +3,7 @@ top-1 accuracy of classifying each ground-truth box against a vocabulary, per cl
 averaged over the novel, base and all classes."""
 import logging
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from tqdm import tqdm
@@ -47,29 +47,80 @@ def region_classification_accuracy(model, dataset_dicts: List[Dict], mapper, cla
     model.eval()
     model.set_vocabulary(list(class_names))
     pred = model.roi_heads.box_predictor
-    correct, total = defaultdict(int), defaultdict(int)
+
+    def classify(x):
+        emb = model.encode_boxes([x], [x["instances"].gt_boxes])[0]
+        return pred.classify(emb)[:, :-1].argmax(dim=1)
+
+    return box_classification_accuracy({"model": classify}, dataset_dicts, mapper, class_names, novel_classes,
+                                       progress, max_unreadable_fraction)["model"]
+
+
+@torch.no_grad()
+def box_classification_accuracy(classifiers: Dict[str, Callable[[Dict], torch.Tensor]], dataset_dicts: List[Dict],
+                                mapper, class_names: Sequence[str], novel_classes: Sequence[str] = (),
+                                progress: bool = True, max_unreadable_fraction: float = 0.05,
+                                what: str = "region classification") -> Dict[str, Dict]:
+    """Top-1 accuracy of classifying every ground-truth box, for several classifiers in one
+    pass over the data: ``classifiers[key](x)`` takes a mapped input ``x`` (with
+    ``x["instances"].gt_boxes``) and returns one class index per box (the data set's contiguous
+    ids). Returns, per key, what :func:`region_classification_accuracy` returns."""
+    correct = {k: defaultdict(int) for k in classifiers}
+    total = defaultdict(int)
     mapper = SkipUnreadableMapper(mapper)
-    unreadable = _Unreadable(len(dataset_dicts), max_unreadable_fraction, "region classification")
-    for d in tqdm(dataset_dicts, desc="region classification", unit="img", disable=not progress):
+    unreadable = _Unreadable(len(dataset_dicts), max_unreadable_fraction, what)
+    for d in tqdm(dataset_dicts, desc=what, unit="img", disable=not progress):
         x = mapper(d)
         if UNREADABLE in x:
             unreadable.add(x)
             continue
         if "instances" not in x or len(x["instances"]) == 0:
             continue
-        emb = model.encode_boxes([x], [x["instances"].gt_boxes])[0]
-        logits = pred.classify(emb)
-        guess = logits[:, :-1].argmax(dim=1).cpu()
-        for g, t in zip(guess.tolist(), x["instances"].gt_classes.tolist()):
+        truth = x["instances"].gt_classes.tolist()
+        for t in truth:
             total[t] += 1
-            correct[t] += int(g == t)
-    per_class = {class_names[c]: 100.0 * correct[c] / total[c] for c in total}
+        for key, classify in classifiers.items():
+            for g, t in zip(classify(x).cpu().tolist(), truth):
+                correct[key][t] += int(g == t)
     novel = set(novel_classes)
-    out = {"per_class": per_class, "boxes": int(sum(total.values())), "unreadable_images": len(unreadable.items)}
-    for split, names in (("novel", [n for n in per_class if n in novel]),
-                         ("base", [n for n in per_class if n not in novel]), ("all", list(per_class))):
-        out[f"acc-{split}"] = sum(per_class[n] for n in names) / len(names) if names else float("nan")
-    return out
+    results = {}
+    for key in classifiers:
+        per_class = {class_names[c]: 100.0 * correct[key][c] / total[c] for c in total}
+        out = {"per_class": per_class, "boxes": int(sum(total.values())), "unreadable_images": len(unreadable.items)}
+        for split, names in (("novel", [n for n in per_class if n in novel]),
+                             ("base", [n for n in per_class if n not in novel]), ("all", list(per_class))):
+            out[f"acc-{split}"] = sum(per_class[n] for n in names) / len(names) if names else float("nan")
+        results[key] = out
+    return results
+
+
+@torch.no_grad()
+def dense_region_accuracy(model, dataset_dicts: List[Dict], mapper, text_embeddings: torch.Tensor,
+                          class_names: Sequence[str], novel_classes: Sequence[str] = (), progress: bool = True,
+                          max_unreadable_fraction: float = 0.05) -> Dict[str, Dict]:
+    """CLIPSelf's region classification (the paper's Table 1): every ground-truth box classified
+    against ``text_embeddings`` ``[C, D]`` (one row per class of ``class_names``) by the cosine
+    with two embeddings of a ``CLIPSelf`` model (``model.encode_boxes``): ``"dense"``, the
+    student's dense map RoI-pooled over the box; ``"crop"``, the teacher's image embedding of the
+    box's crop. Returns ``{"dense": ..., "crop": ...}`` as :func:`region_classification_accuracy`."""
+    if text_embeddings.shape[0] != len(class_names):
+        raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(class_names)} classes: embed the "
+                         "data set's classes in its order (tools/embed_vocabulary.py)")
+    model.eval()
+    text = torch.nn.functional.normalize(text_embeddings.float(), dim=-1).to(model.device)
+
+    def reader(teacher: bool):
+        def classify(x):
+            emb = model.encode_boxes([x], [x["instances"].gt_boxes], teacher=teacher)[0]
+            if emb.shape[1] != text.shape[1]:
+                raise ValueError(f"text embeddings have dim {text.shape[1]} but the ViT embeds regions in "
+                                 f"{emb.shape[1]}: embed the classes with the same CLIP model")
+            return (emb @ text.t()).argmax(dim=1)
+        return classify
+
+    return box_classification_accuracy({"dense": reader(False), "crop": reader(True)}, dataset_dicts, mapper,
+                                       class_names, novel_classes, progress, max_unreadable_fraction,
+                                       what="dense region classification")
 
 
 @torch.no_grad()

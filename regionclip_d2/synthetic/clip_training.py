@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,19 +60,42 @@ METRICS_NAME = "world_clip_metrics.json"
 
 
 def world_clip_config(image_size: int = 128, context_length: int = 24, embed_dim: int = 128,
-                      vision_width: int = 16, vision_layers: Sequence[int] = (1, 1, 1, 1),
+                      vision_width: Optional[int] = None, vision_layers=None,
                       text_width: int = 128, text_layers: int = 3, text_heads: int = 4,
-                      quick_gelu: bool = True) -> dict:
+                      quick_gelu: bool = True, patch_size: Optional[int] = None, head_width: int = 32) -> dict:
     """An open_clip model config (the format of open_clip's ``model_configs/*.json``):
-    ``embed_dim``, ``quick_gelu``, ``vision_cfg``, ``text_cfg``."""
-    if image_size % 32:
-        raise ValueError(f"image_size={image_size} must be a multiple of 32 (the attention pool of the "
-                         "ResNet image tower works on image_size/32 cells)")
+    ``embed_dim``, ``quick_gelu``, ``vision_cfg``, ``text_cfg``.
+
+    The image tower is a ModifiedResNet (``vision_layers``: blocks per stage, default
+    ``(1, 1, 1, 1)``; ``vision_width`` default 16) unless ``patch_size`` is given: then a
+    VisionTransformer of ``patch_size`` px patches, ``vision_layers`` blocks (an int, or a
+    one-element sequence; default 4) of width ``vision_width`` (default 64) and
+    ``vision_width / head_width`` heads (the tower CLIPSelf trains)."""
+    vit = patch_size is not None
+    vision_width = vision_width or (64 if vit else 16)
+    vision_layers = vision_layers if vision_layers is not None else (4 if vit else (1, 1, 1, 1))
+    vision = {"image_size": int(image_size), "width": int(vision_width)}
+    if not vit:
+        if image_size % 32:
+            raise ValueError(f"image_size={image_size} must be a multiple of 32 (the attention pool of the "
+                             "ResNet image tower works on image_size/32 cells)")
+        vision.update(layers=[int(v) for v in vision_layers], patch_size=None)
+    else:
+        layers = vision_layers if isinstance(vision_layers, int) else list(vision_layers)
+        if not isinstance(layers, int):
+            if len(layers) != 1:
+                raise ValueError(f"vision_layers={vision_layers}: a ViT image tower takes one number of blocks")
+            layers = layers[0]
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} must divide image_size={image_size} (the ViT's patch grid)")
+        if head_width < 1 or vision_width % head_width:
+            raise ValueError(f"vision_width={vision_width} must be a multiple of head_width={head_width} "
+                             "(the ViT's attention heads)")
+        vision.update(layers=int(layers), patch_size=int(patch_size), head_width=int(head_width))
     return {
         "embed_dim": int(embed_dim),
         "quick_gelu": bool(quick_gelu),
-        "vision_cfg": {"image_size": int(image_size), "layers": [int(v) for v in vision_layers],
-                       "width": int(vision_width), "patch_size": None},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": int(context_length), "vocab_size": 49408, "width": int(text_width),
                      "heads": int(text_heads), "layers": int(text_layers)},
     }
@@ -311,6 +334,14 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
         "loss_history": history, "logit_scale": model.logit_scale.exp().item(),
         "world_fingerprint": world["fingerprint"], "model_config": model_cfg,
     }
+    return _evaluate_and_save(model, model_cfg, world, world_dir, out_dir, metrics, tokenizer, eval_split,
+                              max_eval_images, bf16, save)
+
+
+def _evaluate_and_save(model, model_cfg: dict, world: dict, world_dir: str, out_dir: str, metrics: dict, tokenizer,
+                       eval_split: Optional[str], max_eval_images: Optional[int], bf16: bool, save: bool) -> dict:
+    """Held-out retrieval and zero-shot shape accuracy into ``metrics``; the model, its config and
+    the metrics written into ``out_dir`` (with ``save``); ``metrics["model"]`` = the model."""
     model.eval()
     if eval_split and not world["counts"].get(eval_split, {}).get("images"):
         logger.warning("world has no %s images: skipping the held-out evaluation", eval_split)
@@ -338,3 +369,4 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
             json.dump(metrics, f, indent=1)
     metrics["model"] = model
     return metrics
+

@@ -148,6 +148,28 @@ def test_given_boxes_instead_of_grid(tiny_vit_config):
         model([image_input(48, 64)])
 
 
+def test_encode_boxes_gives_the_training_embeddings_of_given_boxes(tiny_vit_config):
+    """encode_boxes (region classification's reader): the student's pooled dense map and the
+    teacher's crop embedding of each given box, as the eval forward computes them for the same
+    boxes, L2-normalised; a box outside the image is an error."""
+    model = build(tiny_vit_config, ["MODEL.CLIPSELF.REGION_TYPE", "PROPOSALS", "MODEL.CLIPSELF.MAX_PROPOSALS", 0])
+    model.eval()
+    boxes = [[[0.0, 0.0, 32.0, 32.0], [8.0, 16.0, 40.0, 48.0]], [[4.5, 3.0, 30.0, 20.0]]]
+    inputs = [image_input(48, 64, seed=1), image_input(32, 40, seed=2)]
+    ref = model([_with_proposals(x, b) for x, b in zip(inputs, boxes)])
+    student = model.encode_boxes(inputs, [torch.tensor(b) for b in boxes])
+    teacher = model.encode_boxes(inputs, [Boxes(torch.tensor(b)) for b in boxes], teacher=True)
+    for r, s, t, b in zip(ref, student, teacher, boxes):
+        assert s.shape == t.shape == (len(b), 24)
+        torch.testing.assert_close(s, r["embeddings"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t, r["teacher_embeddings"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(student[0], teacher[0], atol=1e-3)  # two different read-outs
+    with pytest.raises(RegionOutsideImageError, match="input 1: 1 of 1 region boxes"):
+        model.encode_boxes(inputs, [torch.tensor(boxes[0]), torch.tensor([[0.0, 0.0, 50.0, 10.0]])])
+    with pytest.raises(ValueError, match="1 box sets for 2 images"):
+        model.encode_boxes(inputs, [torch.tensor(boxes[0])])
+
+
 @pytest.mark.parametrize("box", [[-5.0, 0.0, 20.0, 20.0], [10.0, 10.0, 70.0, 20.0], [10.0, 10.0, 10.0, 20.0]],
                          ids=["left-of-image", "right-of-image", "empty"])
 def test_boxes_outside_the_image(tiny_vit_config, box):

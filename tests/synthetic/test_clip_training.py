@@ -206,3 +206,29 @@ def test_bf16_is_used_only_where_the_cpu_has_it(monkeypatch, tmp_path):
                                                                            *a, **k))
         assert clip_training.cpu_has_fast_bf16() is expected
         monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_world_clip_config_with_a_vit_image_tower():
+    """patch_size makes the image tower a ViT (what CLIPSelf trains): open_clip builds it, and the
+    CLIPSelf backbone takes it with its [CLS] path equal to open_clip's encode_image."""
+    from regionclip_d2.modeling.backbone.clip_vit import CLIPViT
+    from regionclip_d2.modeling.clip_model import build_clip_from_config
+
+    cfg = world_clip_config(96, patch_size=8, vision_width=32, vision_layers=2, embed_dim=16)
+    assert cfg["vision_cfg"] == {"image_size": 96, "width": 32, "layers": 2, "patch_size": 8, "head_width": 32}
+    assert world_clip_config(96, patch_size=8, vision_width=64, vision_layers=(3,))["vision_cfg"]["layers"] == 3
+    torch.manual_seed(0)
+    model = build_clip_from_config(cfg).eval()
+    vit = CLIPViT(model.visual)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.encode_image(x), model.encode_image(x), atol=1e-5, rtol=1e-5)
+        assert vit(x)["dense"].shape == (2, 16, 12, 12)
+    with pytest.raises(ValueError, match="patch_size=7 must divide image_size=96"):
+        world_clip_config(96, patch_size=7)
+    with pytest.raises(ValueError, match="vision_width=40 must be a multiple of head_width=32"):
+        world_clip_config(96, patch_size=8, vision_width=40)
+    with pytest.raises(ValueError, match="a ViT image tower takes one number of blocks"):
+        world_clip_config(96, patch_size=8, vision_layers=(1, 1))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        world_clip_config(80)  # the ResNet tower's attention pool

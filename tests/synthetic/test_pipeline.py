@@ -237,3 +237,43 @@ def test_export_of_the_runs_detector_agrees_with_pytorch_on_test_images(tiny_run
     assert "3/3 test images with the same detections" in r.stdout
     info = json.loads((out / "export" / "recognition.json").read_text())
     assert len(info["class_names"]) == 12 and info["random_weights"] is False
+
+
+def test_clipself_in_the_world_of_a_finished_run(tiny_run, tmp_path):
+    """tools/synthetic_clipself.py --world-from: a ViT world CLIP on the run's world, CLIPSelf
+    through tools/train_net.py, region classification before / after with the crops as a
+    reference, the student's ViT converted for F-ViT, and F-ViT detectors from both ViTs."""
+    import torch
+
+    out, _ = tiny_run
+    cs = tmp_path / "clipself"
+    r = subprocess.run([sys.executable, "tools/synthetic_clipself.py", "--profile", "tiny", "--output", str(cs),
+                        "--world-from", str(out), "--set", "clip_steps=10"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "1/8 world" not in r.stdout and "4/8 rpn" not in r.stdout  # the run's world and RPN: not made again
+    clip_cfg = json.loads((cs / "world_clip" / "world_clip.json").read_text())
+    assert clip_cfg["vision_cfg"]["patch_size"] == 8 and clip_cfg["vision_cfg"]["layers"] == 2
+    res = json.loads((cs / "results.json").read_text())
+    reg, tr = res["regions"], res["transfer"]
+    for label in ("world CLIP ViT", "CLIPSelf student"):
+        for key in ("dense", "crop"):
+            assert 0.0 <= reg[label][key]["acc-all"] <= 100.0 and reg[label][key]["boxes"] > 0
+        assert all(math.isnan(tr[label][k]) or 0.0 <= tr[label][k] <= 100.0 for k in ("AP50-novel", "AP50-all"))
+    # the teacher is frozen: the crop reference is the same before and after CLIPSelf
+    assert reg["world CLIP ViT"]["crop"]["per_class"] == reg["CLIPSelf student"]["crop"]["per_class"]
+    # CLIPSelf moved the student; the teacher kept the world CLIP's tower; F-ViT got the student
+    sd = torch.load(cs / "clipself" / "model_final.pth", weights_only=True)["model"]
+    world = torch.load(cs / "world_clip" / "world_clip.pt", weights_only=True)
+    k = "transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.equal(sd["teacher_backbone." + k], world["visual." + k])
+    assert not torch.equal(sd["backbone." + k], world["visual." + k])
+    vit = torch.load(cs / "clipself" / "fvit_vit.pth", weights_only=True)["model"]
+    assert torch.equal(vit["backbone.bottom_up." + k], sd["backbone." + k])
+    cfg = (cs / "transfer" / "clipself" / "config.yaml").read_text()
+    assert f"WEIGHTS: {cs / 'clipself' / 'fvit_vit.pth'}" in cfg and "build_clip_vit_sfp_backbone" in cfg
+    assert "WEIGHTS: ''" in (cs / "transfer" / "world_vit" / "config.yaml").read_text()
+    table = (cs / "results.md").read_text()
+    for row in ("| world CLIP ViT |", "| CLIPSelf student |", "| crops of the boxes, frozen ViT (reference) |"):
+        assert row in table
+    assert (cs / "results.png").is_file()

@@ -8,7 +8,7 @@ teacher's input size -> student: the trained ViT's dense map (value path of the 
 """
 import copy
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,32 @@ class CLIPSelf(TwoBranchModel):
         """``[R, D]``: the frozen ViT's image embedding of each region's crop (resized to S x S)."""
         crops = self.crop_pooler(images, _rois(regions).to(images.dtype))
         return self.teacher_backbone.encode_image(crops)
+
+    @torch.no_grad()
+    def encode_boxes(self, batched_inputs: List[Dict], boxes: Sequence, teacher: bool = False) -> List[torch.Tensor]:
+        """Embeddings of given boxes: the student's dense map RoI-pooled over each box, as in
+        training (or, with ``teacher``, the frozen teacher's image embedding of each box's crop).
+
+        Args:
+            batched_inputs: inputs as for ``forward`` (``image`` ``[3, H, W]``, already resized).
+            boxes: per input, a ``Boxes`` or ``[R_i, 4]`` XYXY tensor in the input image's pixels,
+                inside the image.
+        Returns:
+            per input, ``[R_i, D]`` L2-normalised embeddings in CLIP's joint space.
+        """
+        if len(boxes) != len(batched_inputs):
+            raise ValueError(f"{len(boxes)} box sets for {len(batched_inputs)} images: give one per image")
+        boxes = [b if isinstance(b, Boxes) else Boxes(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4))
+                 for b in boxes]
+        images = self.preprocess_image(batched_inputs)
+        for i, (b, (h, w)) in enumerate(zip(boxes, images.image_sizes)):
+            check_boxes_inside(b.tensor, h, w, i)
+        boxes = [b.to(self.device) for b in boxes]
+        if teacher:
+            emb = self.teacher_embeddings(images.tensor, boxes)
+        else:
+            emb = self.student_embeddings(self.backbone(images.tensor)["dense"], boxes)
+        return list(F.normalize(emb.float(), dim=-1).split([len(b) for b in boxes]))
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
