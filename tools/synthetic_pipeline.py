@@ -204,13 +204,13 @@ class Pipeline:
                                           p["clip_steps"], "--batch-size", p["clip_batch"], "--lr", p["clip_lr"],
                                           "--seed", self.seed if seed is None else seed, "--no-progress"]
                   + (["--init-logit-scale", p["clip_logit_scale"]] if p["clip_logit_scale"] > 0 else [])
-                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []) + self.clip_model_args(),
+                  + (["--warmup", p["clip_warmup"]] if p["clip_warmup"] > 0 else []) + self.clip_extra_args(),
                   "clip" if seed is None else "teacher_clip")
         with open(os.path.join(out_dir, "world_clip_metrics.json")) as f:
             return json.load(f)
 
-    def clip_model_args(self) -> List:
-        """Options of tools/train_world_clip.py that choose the model (the default: its ResNet)."""
+    def clip_extra_args(self) -> List:
+        """Further options of tools/train_world_clip.py (the image tower, augmentation; default none: its ResNet)."""
         return []
 
     def teacher_dir(self) -> str:

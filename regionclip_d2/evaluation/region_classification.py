@@ -102,25 +102,35 @@ def dense_region_accuracy(model, dataset_dicts: List[Dict], mapper, text_embeddi
     against ``text_embeddings`` ``[C, D]`` (one row per class of ``class_names``) by the cosine
     with two embeddings of a ``CLIPSelf`` model (``model.encode_boxes``): ``"dense"``, the
     student's dense map RoI-pooled over the box; ``"crop"``, the teacher's image embedding of the
-    box's crop. Returns ``{"dense": ..., "crop": ...}`` as :func:`region_classification_accuracy`."""
+    box's crop. Returns ``{"dense": ..., "crop": ...}`` as :func:`region_classification_accuracy`;
+    ``"dense"`` also holds ``"cosine_to_crop"``, the mean over boxes of ``cos(dense, crop)`` (what
+    CLIPSelf's loss raises on its training regions)."""
     if text_embeddings.shape[0] != len(class_names):
         raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(class_names)} classes: embed the "
                          "data set's classes in its order (tools/embed_vocabulary.py)")
     model.eval()
     text = torch.nn.functional.normalize(text_embeddings.float(), dim=-1).to(model.device)
 
-    def reader(teacher: bool):
-        def classify(x):
-            emb = model.encode_boxes([x], [x["instances"].gt_boxes], teacher=teacher)[0]
-            if emb.shape[1] != text.shape[1]:
-                raise ValueError(f"text embeddings have dim {text.shape[1]} but the ViT embeds regions in "
-                                 f"{emb.shape[1]}: embed the classes with the same CLIP model")
-            return (emb @ text.t()).argmax(dim=1)
-        return classify
+    cosines, crops = [], []
 
-    return box_classification_accuracy({"dense": reader(False), "crop": reader(True)}, dataset_dicts, mapper,
-                                       class_names, novel_classes, progress, max_unreadable_fraction,
-                                       what="dense region classification")
+    def classify(emb):
+        if emb.shape[1] != text.shape[1]:
+            raise ValueError(f"text embeddings have dim {text.shape[1]} but the ViT embeds regions in "
+                             f"{emb.shape[1]}: embed the classes with the same CLIP model")
+        return (emb @ text.t()).argmax(dim=1)
+
+    def dense(x):  # called first for each input (dict order): embeds both, keeps the crop's for "crop"
+        boxes = [x["instances"].gt_boxes]
+        s, t = model.encode_boxes([x], boxes)[0], model.encode_boxes([x], boxes, teacher=True)[0]
+        cosines.append((s * t).sum(dim=-1))
+        crops.append(t)
+        return classify(s)
+
+    out = box_classification_accuracy({"dense": dense, "crop": lambda x: classify(crops.pop())}, dataset_dicts,
+                                      mapper, class_names, novel_classes, progress, max_unreadable_fraction,
+                                      what="dense region classification")
+    out["dense"]["cosine_to_crop"] = float(torch.cat(cosines).mean()) if cosines else float("nan")
+    return out
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def test_dense_region_accuracy_by_hand(data, tiny_vit_config):
     mapper = build_test_mapper(cfg)
     out = dense_region_accuracy(model, data, mapper, text, NAMES, ("blue square",), progress=False)
     text_n = torch.nn.functional.normalize(text, dim=-1)
-    right = {"dense": {}, "crop": {}}
+    right, cosines = {"dense": {}, "crop": {}}, []
     with torch.no_grad():
         for d in data:
             x = mapper(d)
@@ -72,6 +72,7 @@ def test_dense_region_accuracy_by_hand(data, tiny_vit_config):
             dense = ROIAlign((1, 1), 1 / 8, 0, aligned=True)(model.backbone(img)["dense"], rois).flatten(1)
             crops = ROIAlign((32, 32), 1.0, 0, aligned=True)(img, rois)
             crop = model.teacher_backbone.encode_image(crops)
+            cosines += torch.nn.functional.cosine_similarity(dense, crop, dim=-1).tolist()
             for key, emb in (("dense", dense), ("crop", crop)):
                 guess = (torch.nn.functional.normalize(emb, dim=-1) @ text_n.t()).argmax(dim=1)
                 for g, t in zip(guess.tolist(), x["instances"].gt_classes.tolist()):
@@ -80,6 +81,7 @@ def test_dense_region_accuracy_by_hand(data, tiny_vit_config):
         per_class = {n: 100.0 * sum(v) / len(v) for n, v in right[key].items()}
         assert out[key]["per_class"] == pytest.approx(per_class)
         assert out[key]["acc-novel"] == pytest.approx(per_class["blue square"])
+    assert out["dense"]["cosine_to_crop"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
     with pytest.raises(ValueError, match="2 text embeddings for 3 classes"):
         dense_region_accuracy(model, data, mapper, text[:2], NAMES, progress=False)
     with pytest.raises(ValueError, match="text embeddings have dim 16 but the ViT embeds regions in 24"):
