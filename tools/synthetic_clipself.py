@@ -39,17 +39,18 @@ from synthetic_pipeline import PROFILES as REGIONCLIP_PROFILES  # noqa: E402
 from synthetic_pipeline import WORLD_KEYS, Pipeline, parse_overrides  # noqa: E402
 
 PROFILES = {
-    # about 15 minutes on 2 CPU cores (fp32, AVX2)
+    # about 40 minutes on 2 CPU cores (fp32, AVX2), 30 of them for the ViT CLIP
     # the world of make demo with upright, larger objects (36-64 px instead of 30-54, no rotation): the ViT
     # learns from far fewer examples there (measured, contrastive steps of 128 pairs, whole-image shape
-    # accuracy: demo world 14% after 500 steps; this world: see the README)
+    # accuracy: demo world 14% after 500 steps; this world, 1500 steps with zoomed crops: 78.5%). CLIPSelf: 600
+    # iterations at lr 2e-4 lift the dense map (200 at 1e-4 did not; README)
     "clipself": dict({k: REGIONCLIP_PROFILES["demo"][k] for k in WORLD_KEYS + ("num_train", "num_val", "num_test")},
                      min_size=36, max_size=64, single_min_size=36, single_max_size=64, max_rotation=0.0,
                      clip_tower="vit", vit_patch=8, vit_width=64, vit_layers=4,
                      clip_steps=1500, clip_batch=128, clip_lr=0.002, clip_logit_scale=50.0, clip_warmup=100,
                      clip_zoom_prob=0.5, clip_zoom_min_scale=0.4,
                      rpn_iters=140, rpn_batch=16,
-                     clipself_iters=200, clipself_batch=16, clipself_lr=0.0001, clipself_grid=3,
+                     clipself_iters=600, clipself_batch=16, clipself_lr=0.0002, clipself_grid=3,
                      transfer_iters=400, transfer_batch=8, transfer_lr=0.001, focal=0.5, bg_weight=0.2,
                      transfer_arch="FVIT", transfer_jobs=2),
 }
@@ -163,15 +164,48 @@ class CLIPSelfPipeline(Pipeline):
                              for _, tag, arch in rows[i:i + jobs]])
         return {label: self.transfer_result(tag) for label, tag, _ in rows}
 
-    def run(self, world_from: str = "") -> Dict:
+    def finished_clip(self) -> Dict:
+        """With ``--resume``: the metrics of the world CLIP already in the output folder, checked
+        to be the profile's (steps, learning rate, zoom); None when there is none."""
+        path = os.path.join(self.clip_dir, "world_clip_metrics.json")
+        if not (os.path.isfile(path) and os.path.isfile(self.clip_weights)):
+            return None
+        with open(path) as f:
+            metrics = json.load(f)
+        p = self.p
+        for key, want in (("steps", p["clip_steps"]), ("lr", p["clip_lr"]), ("zoom_prob", p["clip_zoom_prob"])):
+            if metrics.get(key) != want:
+                raise RuntimeError(f"--resume: the world CLIP in {self.clip_dir} was trained with {key}="
+                                   f"{metrics.get(key)}, the profile asks for {want}: use another --output")
+        return metrics
+
+    def run(self, world_from: str = "", resume: bool = False) -> Dict:
+        """All stages; ``resume`` reuses the world, world CLIP, class embeddings and RPN already in
+        the output folder (stages 5-8, which the CLIPSelf and transfer settings change, always run)."""
         t0 = time.time()
+
+        def have(*paths):
+            return resume and all(os.path.isfile(x) for x in paths)
+
         if world_from:
             self.use_world(world_from)
+        elif have(os.path.join(self.world, "world.json")):
+            print(f"1/8 world: reusing {self.world}", flush=True)
         else:
             self._stage("1/8 world: generating images, boxes and captions", self.make_world)
-        clip_metrics = self._stage("2/8 clip: training the world's CLIP with a ViT image tower", self.train_clip)
-        rpn = None if world_from else self.start_rpn()  # the RPN trains while the class names are embedded
-        self._stage("3/8 classes: embedding base and all class names", self.class_embeddings)
+        clip_metrics = self.finished_clip() if resume else None
+        clip_reused = clip_metrics is not None
+        if not clip_reused:
+            clip_metrics = self._stage("2/8 clip: training the world's CLIP with a ViT image tower", self.train_clip)
+        else:
+            print(f"2/8 clip: reusing {self.clip_dir}", flush=True)
+        # the RPN trains while the class names are embedded
+        rpn = None if world_from or have(self.rpn_weights) else self.start_rpn()
+        classes = [os.path.join(self.out, "classes", f"{split}.pth") for split in ("base", "all")]
+        if clip_reused and have(*classes):
+            print("3/8 classes: reusing " + os.path.dirname(classes[0]), flush=True)
+        else:
+            self._stage("3/8 classes: embedding base and all class names", self.class_embeddings)
         if rpn is not None:
             self._stage("4/8 rpn: training the RPN on base boxes (started before stage 3)", lambda: self.train_rpn(rpn))
         student = self._stage("5/8 clipself: self-distillation of the ViT's dense map", self.clipself)
@@ -179,8 +213,7 @@ class CLIPSelfPipeline(Pipeline):
                               lambda: self.region_accuracy(student))
         vit = self._stage("7a/8 convert: the student's ViT for the detector", lambda: self.convert_student(student))
         tr = self._stage("7b/8 transfer: F-ViT detectors on base classes", lambda: self.transfer(vit))
-        with open(os.path.join(self.out, "clipself", "metrics.json")) as f:
-            losses = [json.loads(line)["total_loss"] for line in f if '"total_loss"' in line]  # = loss_clipself
+        losses = self.clipself_losses()
         with open(os.path.join(self.world, "world.json")) as f:
             world = json.load(f)
         results = {"profile": self.p, "seed": self.seed, "world": self.world, "world_params": world["params"],
@@ -192,6 +225,17 @@ class CLIPSelfPipeline(Pipeline):
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         return results
+
+    def clipself_losses(self) -> List[float]:
+        """The logged CLIPSelf losses of the last training run (detectron2 appends each run's
+        metrics to the same metrics.json: the last run starts where the iteration goes down)."""
+        with open(os.path.join(self.out, "clipself", "metrics.json")) as f:
+            rows = [json.loads(line) for line in f if '"total_loss"' in line]  # total_loss = loss_clipself
+        start = 0
+        for i in range(1, len(rows)):
+            if rows[i]["iteration"] <= rows[i - 1]["iteration"]:
+                start = i
+        return [r["total_loss"] for r in rows[start:]]
 
     def rerun_regions(self) -> Dict:
         """Stage 6 again on a finished run (its world, CLIP, classes and CLIPSelf student);
@@ -207,6 +251,8 @@ class CLIPSelfPipeline(Pipeline):
         self.world = results["world"]
         results["regions"] = self._stage("6/8 regions: classification of ground-truth boxes",
                                          lambda: self.region_accuracy(student))
+        losses = self.clipself_losses()
+        results["clipself_loss"] = {"first": losses[0], "last": losses[-1]} if losses else {}
         self.report(results)
         with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)
@@ -295,13 +341,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/synthetic_clipself", help="output folder (default: %(default)s)")
     ap.add_argument("--profile", default="clipself", choices=list(PROFILES),
-                    help="sizes: clipself (about 15 min on 2 cores) or tiny (a smoke test)")
+                    help="sizes: clipself (about 40 min on 2 cores) or tiny (a smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-from", default="", metavar="RUN",
                     help="use the world and RPN of a finished `make demo` run (e.g. output/synthetic_demo) instead "
                          "of generating them")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help=f"override profile values (keys: {', '.join(PROFILES['clipself'])})")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the world, world CLIP, class embeddings and RPN already in --output (the CLIP is "
+                         "checked against the profile); CLIPSelf, the region measures and transfer run again")
     ap.add_argument("--regions-only", action="store_true",
                     help="only measure the region classification again on the finished run in --output")
     args = ap.parse_args(argv)
@@ -312,7 +361,7 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         pipe = CLIPSelfPipeline(args.output, args.profile, args.seed, overrides)
-        pipe.rerun_regions() if args.regions_only else pipe.run(args.world_from)
+        pipe.rerun_regions() if args.regions_only else pipe.run(args.world_from, args.resume)
     except RuntimeError as e:
         print(f"synthetic_clipself: {e}", file=sys.stderr)
         return 1

@@ -277,3 +277,26 @@ def test_clipself_in_the_world_of_a_finished_run(tiny_run, tmp_path):
     for row in ("| world CLIP ViT |", "| CLIPSelf student |", "| crops of the boxes, frozen ViT (reference) |"):
         assert row in table
     assert (cs / "results.png").is_file()
+
+
+def test_clipself_resume_checks_the_clip_and_reads_the_last_runs_losses(tmp_path):
+    """--resume reuses a world CLIP only when it was trained as the profile asks; the CLIPSelf
+    losses are those of the last run in the (appended) metrics.json."""
+    from synthetic_clipself import PROFILES, CLIPSelfPipeline
+
+    pipe = CLIPSelfPipeline(str(tmp_path), "tiny")
+    assert pipe.finished_clip() is None  # nothing there yet
+    os.makedirs(pipe.clip_dir)
+    open(pipe.clip_weights, "wb").close()
+    p = PROFILES["tiny"]
+    metrics = {"steps": p["clip_steps"], "lr": p["clip_lr"], "zoom_prob": p["clip_zoom_prob"]}
+    (tmp_path / "world_clip" / "world_clip_metrics.json").write_text(json.dumps(metrics))
+    assert pipe.finished_clip() == metrics
+    (tmp_path / "world_clip" / "world_clip_metrics.json").write_text(json.dumps(dict(metrics, steps=7)))
+    with pytest.raises(RuntimeError, match=r"trained with steps=7, the profile asks for 20: use another --output"):
+        pipe.finished_clip()
+    os.makedirs(tmp_path / "clipself")
+    rows = [(19, 0.5), (39, 0.4), (19, 0.3), (39, 0.2), (59, 0.1)]  # two runs appended
+    (tmp_path / "clipself" / "metrics.json").write_text(
+        "\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in rows) + "\n")
+    assert pipe.clipself_losses() == [0.3, 0.2, 0.1]
