@@ -155,14 +155,9 @@ class CLIPSelfPipeline(Pipeline):
     def transfer_rows(self):
         return [(label, tag, self.p["transfer_arch"]) for label, tag in INITS]
 
-    def transfer(self, student_vit: str):
-        rows = self.transfer_rows()
-        jobs = max(1, min(self.p["transfer_jobs"], len(rows)))
-        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-        for i in range(0, len(rows), jobs):
-            self.wait_tools([self.start_transfer(student_vit if tag == "clipself" else "", tag, arch, threads=threads)
-                             for _, tag, arch in rows[i:i + jobs]])
-        return {label: self.transfer_result(tag) for label, tag, _ in rows}
+    @staticmethod
+    def transfer_weights(tag: str, student_vit: str) -> str:
+        return student_vit if tag == "clipself" else ""
 
     def finished_clip(self) -> Dict:
         """With ``--resume``: the metrics of the world CLIP already in the output folder, checked

@@ -437,9 +437,14 @@ class Pipeline:
         jobs = max(1, min(self.p["transfer_jobs"], len(rows)))
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
         for i in range(0, len(rows), jobs):
-            self.wait_tools([self.start_transfer(student_weights if tag.startswith("regionclip") else "", tag, arch,
+            self.wait_tools([self.start_transfer(self.transfer_weights(tag, student_weights), tag, arch,
                                                  threads=threads) for _, tag, arch in rows[i:i + jobs]])
         return {label: self.transfer_result(tag) for label, tag, _ in rows}
+
+    @staticmethod
+    def transfer_weights(tag: str, student_weights: str) -> str:
+        """MODEL.WEIGHTS of the transfer row ``tag``: the student's, or "" (the world CLIP)."""
+        return student_weights if tag.startswith("regionclip") else ""
 
     def demo_image_files(self) -> List[str]:
         """The test images the demo draws: in file order, half of them (rounded up) among the

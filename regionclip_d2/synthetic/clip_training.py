@@ -334,14 +334,6 @@ def train_world_clip(world_dir: str, out_dir: str, steps: int = 1000, batch_size
         "loss_history": history, "logit_scale": model.logit_scale.exp().item(),
         "world_fingerprint": world["fingerprint"], "model_config": model_cfg,
     }
-    return _evaluate_and_save(model, model_cfg, world, world_dir, out_dir, metrics, tokenizer, eval_split,
-                              max_eval_images, bf16, save)
-
-
-def _evaluate_and_save(model, model_cfg: dict, world: dict, world_dir: str, out_dir: str, metrics: dict, tokenizer,
-                       eval_split: Optional[str], max_eval_images: Optional[int], bf16: bool, save: bool) -> dict:
-    """Held-out retrieval and zero-shot shape accuracy into ``metrics``; the model, its config and
-    the metrics written into ``out_dir`` (with ``save``); ``metrics["model"]`` = the model."""
     model.eval()
     if eval_split and not world["counts"].get(eval_split, {}).get("images"):
         logger.warning("world has no %s images: skipping the held-out evaluation", eval_split)
