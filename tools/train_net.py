@@ -5,7 +5,8 @@
   python tools/train_net.py --eval-only --config-file CONFIG MODEL.WEIGHTS ckpt.pth [KEY VALUE ...]
 
 Evaluation runs on every data set in DATASETS.TEST (COCO-style AP with the official
-evaluator, novel/base/all when the data set marks its classes; or LVIS AP/APr/APc/APf)
+evaluator, novel/base/all when the data set marks its classes; LVIS AP/APr/APc/APf; or, for
+a grounding data set, phrase recall@1/5/10 with each caption's phrases as the classes)
 and writes the results as JSON to OUTPUT_DIR/inference/<data set>/results.json.
 Multi-process runs go through detectron2's launch (torch.distributed): --num-gpus,
 --num-machines, --machine-rank, --dist-url; on a machine without CUDA, --num-gpus N
@@ -59,9 +60,22 @@ def register_caption_datasets(specs):
         register_caption_dataset(name, path, image_root)
 
 
+def register_grounding_datasets(specs):
+    """``NAME=GROUNDING.json:IMAGE_ROOT`` -> a registered grounding data set (MDETR format)."""
+    from regionclip_d2.grounding.data import register_grounding_dataset
+
+    for spec in specs or []:
+        name, sep, rest = spec.partition("=")
+        path, sep2, image_root = rest.rpartition(":")
+        if not sep or not sep2 or not name or not path:
+            raise SystemExit(f"--register-grounding {spec!r}: expected NAME=GROUNDING.json:IMAGE_ROOT")
+        register_grounding_dataset(name, path, image_root)
+
+
 def setup(args):
     register_datasets(args.register, args.categories)
     register_caption_datasets(args.register_captions)
+    register_grounding_datasets(args.register_grounding)
     cfg = get_regionclip_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
@@ -100,6 +114,10 @@ def build_parser():
     parser.add_argument("--register-captions", action="append", metavar="NAME=CAPTIONS_FILE:IMAGE_ROOT",
                         help="register an image-caption data set (COCO Captions .json, .jsonl or .tsv) for "
                              "region-text pretraining (repeatable), then name it in DATASETS.TRAIN")
+    parser.add_argument("--register-grounding", action="append", metavar="NAME=GROUNDING.json:IMAGE_ROOT",
+                        help="register a grounding data set (MDETR format: images with a 'caption', annotations with "
+                             "'tokens_positive'; repeatable): in DATASETS.TRAIN it trains the grounding head "
+                             "(MODEL.GROUNDING.ENABLED), in DATASETS.TEST it gives phrase recall@1/5/10")
     return parser
 
 

@@ -44,19 +44,32 @@ class RegionCLIPDatasetMapper(DatasetMapper):
         return dataset_dict
 
 
+def _mapper_class(cfg, grounding: bool):
+    if grounding:
+        from ..grounding.mapper import GroundingDatasetMapper
+
+        return GroundingDatasetMapper
+    return RegionCLIPDatasetMapper
+
+
 def build_train_mapper(cfg):
     """detectron2's training mapper (resize, flip) in the config's input format, reading
-    images with :func:`regionclip_d2.data.images.read_image`."""
-    return RegionCLIPDatasetMapper(cfg, is_train=True)
+    images with :func:`regionclip_d2.data.images.read_image`; with ``MODEL.GROUNDING.ENABLED``
+    it also passes on grounding data's captions and phrases
+    (:class:`~regionclip_d2.grounding.mapper.GroundingDatasetMapper`)."""
+    return _mapper_class(cfg, cfg.MODEL.GROUNDING.ENABLED)(cfg, is_train=True)
 
 
-def build_test_mapper(cfg):
+def build_test_mapper(cfg, grounding: bool = False):
     """The test-time mapper. In ``GT`` region mode the ground-truth boxes are the regions,
     so annotations are kept (non-crowd ones, resized with the image); otherwise detectron2's
     test mapper. Images are resized with the shortest side MIN_SIZE_TEST (bilinear on uint8)
-    and read as in training (:func:`regionclip_d2.data.images.read_image`)."""
+    and read as in training (:func:`regionclip_d2.data.images.read_image`). ``grounding``:
+    a grounding data set, each input with its caption's phrases
+    (:class:`~regionclip_d2.grounding.mapper.GroundingDatasetMapper`)."""
     augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+    mapper = _mapper_class(cfg, grounding)
     if cfg.MODEL.CLIP.CROP_REGION_TYPE == "GT":
-        return RegionCLIPDatasetMapper(is_train=True, augmentations=augs, image_format=cfg.INPUT.FORMAT,
-                                       use_instance_mask=False, recompute_boxes=False)
-    return RegionCLIPDatasetMapper(is_train=False, augmentations=augs, image_format=cfg.INPUT.FORMAT)
+        return mapper(is_train=True, augmentations=augs, image_format=cfg.INPUT.FORMAT,
+                      use_instance_mask=False, recompute_boxes=False)
+    return mapper(is_train=False, augmentations=augs, image_format=cfg.INPUT.FORMAT)

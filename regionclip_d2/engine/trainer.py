@@ -53,6 +53,8 @@ def match_vocabulary(model, dataset_name):
     model = unwrap(model)
     if not hasattr(model, "prepare_vocabulary"):
         return  # not an open-vocabulary detector (e.g. the RPN branch's own training)
+    if MetadataCatalog.get(dataset_name).get("evaluator_type") == "grounding":
+        return  # grounding data: each image's caption phrases are its classes
     names = list(MetadataCatalog.get(dataset_name).thing_classes)
     pred = model.roi_heads.box_predictor
     model.prepare_vocabulary()
@@ -219,7 +221,9 @@ class RegionCLIPTrainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         """detectron2's test loader with :func:`build_test_mapper`; an image that cannot be read
         becomes a placeholder naming it (:class:`SkipUnreadableMapper`) instead of an error."""
-        return build_detection_test_loader(cfg, dataset_name, mapper=SkipUnreadableMapper(build_test_mapper(cfg)))
+        grounding = MetadataCatalog.get(dataset_name).get("evaluator_type") == "grounding"
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=SkipUnreadableMapper(build_test_mapper(cfg, grounding)))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

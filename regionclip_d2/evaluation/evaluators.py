@@ -104,7 +104,8 @@ class OVDCOCOEvaluator(RegionCLIPCOCOEvaluator):
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
     """The evaluator for a registered data set, chosen by its ``evaluator_type`` metadata
-    (``coco`` or ``lvis``); COCO data sets with ``novel_classes`` get novel/base/all AP.
+    (``coco``, ``lvis``, or ``grounding``: phrase recall@1/5/10); COCO data sets with
+    ``novel_classes`` get novel/base/all AP.
     Each can leave unreadable images out (``evaluate_without``, see
     :mod:`regionclip_d2.evaluation.unreadable`)."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -118,5 +119,9 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         if novel is not None:
             return OVDCOCOEvaluator(dataset_name, novel, output_dir=output_folder, use_fast_impl=False)
         return RegionCLIPCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+    if kind == "grounding":
+        from .grounding_recall import GroundingEvaluator
+
+        return GroundingEvaluator(dataset_name, output_dir=output_folder)
     raise ValueError(f"data set {dataset_name!r} has evaluator_type {kind!r}; regionclip_d2 evaluates "
-                     "'coco' and 'lvis' data sets")
+                     "'coco', 'lvis' and 'grounding' data sets")

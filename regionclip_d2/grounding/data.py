@@ -231,6 +231,9 @@ def load_grounding_json(json_file: str, image_root: str, dataset_name: Optional[
         meta = MetadataCatalog.get(dataset_name)
         if meta.get("thing_classes") is None:
             meta.set(thing_classes=[names[c] for c in cat_ids])
+        splits = {c["id"]: c.get("split") for c in data["categories"]}
+        if meta.get("novel_classes") is None and any(v is not None for v in splits.values()):
+            meta.set(novel_classes=[names[c] for c in cat_ids if splits[c] == "novel"])
     logger.info("loaded %d image-caption entries with %d boxes from %s", len(dicts),
                 sum(len(d["annotations"]) for d in dicts), json_file)
     return dicts
@@ -241,7 +244,8 @@ def register_grounding_dataset(name: str, json_file: str, image_root: str, token
     same name): ``register_grounding_dataset("flickr_train", "final_flickr_separateGT_train.json",
     "flickr30k/images")``. The file is read when the data set is first used; ``kwargs`` go to
     :func:`load_grounding_json`. Metadata: ``grounding_file``, ``image_root``,
-    ``evaluator_type="grounding"``, and ``thing_classes`` once loaded."""
+    ``evaluator_type="grounding"``, and once loaded ``thing_classes`` and, where the
+    categories carry ``"split"``, ``novel_classes`` (the evaluator's novel / base rows)."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"grounding annotation file {json_file!r} for data set {name!r} does not exist")
     if not os.path.isdir(image_root):

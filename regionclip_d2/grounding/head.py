@@ -133,7 +133,9 @@ def grounding_focal_loss(logits: torch.Tensor, targets: torch.Tensor, token_mask
 
     Args:
         logits, targets: ``[N, R, T]`` (or ``[R, T]``).
-        token_mask: ``[N, T]`` (or ``[T]``), True at real tokens; padding adds nothing.
+        token_mask: ``[N, T]`` (or ``[T]``), True at real tokens; padding adds nothing. A mask
+            of the logits' own shape masks each region's tokens on its own (regions of images
+            with different prompts, words left out of the loss).
     """
     from torchvision.ops import sigmoid_focal_loss
 
@@ -141,7 +143,8 @@ def grounding_focal_loss(logits: torch.Tensor, targets: torch.Tensor, token_mask
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     loss = sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none")
     if token_mask is not None:
-        loss = loss * token_mask.unsqueeze(-2).to(loss.dtype)
+        m = token_mask if token_mask.shape == loss.shape else token_mask.unsqueeze(-2)
+        loss = loss * m.to(loss.dtype)
     num_pos = (targets > 0).any(dim=-1).sum().clamp(min=1)
     return loss.sum() / num_pos
 

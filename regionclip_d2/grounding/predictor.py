@@ -21,6 +21,14 @@ A long vocabulary is split into prompts that fit the text tower's context
 merged, at inference; training needs the training vocabulary in one prompt. A caption
 (:meth:`GroundingPredictor.set_caption`) replaces the vocabulary at inference: its noun
 phrases become the classes.
+
+**Grounding data** (captions whose phrases name boxes): an input that carries
+``grounding`` (:class:`~regionclip_d2.grounding.mapper.GroundingDatasetMapper`) brings its
+own prompt, its caption with its grounded phrases (:meth:`GroundingPredictor.set_batch_groundings`,
+called by the detector for each batch). In training a region matched to a box of phrase
+``k`` has phrase ``k``'s tokens as targets (``gt_phrases``), other regions none, and the
+caption's withheld words are left out of the loss; at inference class ``k`` is phrase
+``k`` of that image. Images without ``grounding`` use the class prompt in the same batch.
 """
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +42,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 
 from ..modeling.roi_heads.ov_predictor import OpenVocabularyPredictor
 from .head import DeepFusion, RegionTokenAlignment, class_scores, grounding_focal_loss, token_targets
-from .prompts import GroundingPrompt, build_class_prompts, caption_prompt, merge_chunk_scores
+from .prompts import GroundingPrompt, build_class_prompts, caption_prompt, grounded_prompt, merge_chunk_scores
 from .text_features import TokenFeatureEncoder
 
 __all__ = ["GroundingPredictor", "NoTokenEncoderError"]
@@ -100,6 +108,8 @@ class GroundingPredictor(OpenVocabularyPredictor):
         self.train_text = train_text
         self.token_encoder: Optional[TokenFeatureEncoder] = None
         self._prompts: Dict[tuple, List[GroundingPrompt]] = {}
+        self._grounded: Dict[tuple, GroundingPrompt] = {}  # prompts of grounding data, by caption and spans
+        self._batch: Optional[List[Optional[dict]]] = None
         self.caption: Optional[GroundingPrompt] = None
 
     @classmethod
@@ -123,6 +133,7 @@ class GroundingPredictor(OpenVocabularyPredictor):
                              "to the CLIP model's embedding width")
         object.__setattr__(self, "token_encoder", tfe)  # plain attribute, not a registered submodule
         self._prompts.clear()
+        self._grounded.clear()
 
     def _encoder(self) -> TokenFeatureEncoder:
         if self.token_encoder is None:
@@ -157,6 +168,58 @@ class GroundingPredictor(OpenVocabularyPredictor):
             self._prompts[key] = build_class_prompts(names, enc.encoder.tokenizer, enc.context_length)
         return self._prompts[key]
 
+    def set_batch_groundings(self, groundings: Optional[Sequence[Optional[dict]]]):
+        """Each image's ``grounding`` (``{"caption", "phrases", "ignore"}``, from
+        :class:`~regionclip_d2.grounding.mapper.GroundingDatasetMapper`; ``None`` for an image
+        of detection data) for the next forward; ``None`` or all ``None``: the class prompt
+        (or the caption of :meth:`set_caption`) for every image."""
+        if groundings is None or all(g is None for g in groundings):
+            self._batch = None
+            return
+        for g in groundings:
+            if g is not None and not (isinstance(g, dict) and "caption" in g and "phrases" in g):
+                raise ValueError(f"grounding {str(g)[:80]} is not {{'caption', 'phrases'[, 'ignore']}}: build inputs "
+                                 "with regionclip_d2.grounding.GroundingDatasetMapper")
+        self._batch = list(groundings)
+
+    def grounding_prompt(self, grounding: dict) -> GroundingPrompt:
+        """The prompt of one input's ``grounding`` (cached)."""
+        phrases = tuple(tuple(tuple(int(v) for v in s) for s in spans) for spans in grounding["phrases"])
+        ignore = tuple(tuple(int(v) for v in s) for s in grounding.get("ignore") or ())
+        key = (grounding["caption"], phrases, ignore)
+        if key not in self._grounded:
+            if not phrases:
+                raise ValueError(f"caption {grounding['caption'][:80]!r} has no grounded phrase: give each grounding "
+                                 "entry at least one annotation with tokens_positive")
+            if len(self._grounded) >= 50000:  # bounded: a data set's captions, not every caption ever seen
+                self._grounded.clear()
+            enc = self._encoder()
+            self._grounded[key] = grounded_prompt(key[0], phrases, enc.encoder.tokenizer, enc.context_length,
+                                                  ignore)
+        return self._grounded[key]
+
+    def image_prompts(self, num_images: int) -> Optional[List[GroundingPrompt]]:
+        """One prompt per image when the batch carries grounding data (images without it take
+        the class prompt), else ``None``."""
+        if self._batch is None:
+            return None
+        if len(self._batch) != num_images:
+            raise ValueError(f"{len(self._batch)} groundings for {num_images} images: call set_batch_groundings with "
+                             "one entry (or None) per image of the batch")
+        out, class_prompt = [], None
+        for g in self._batch:
+            if g is not None:
+                out.append(self.grounding_prompt(g))
+                continue
+            if class_prompt is None:
+                prompts = self.prompts()
+                if len(prompts) != 1:
+                    raise ValueError(f"a batch mixing captions and class prompts needs the vocabulary in one prompt, "
+                                     f"but it takes {len(prompts)}: use fewer or shorter class names")
+                class_prompt = prompts[0]
+            out.append(class_prompt)
+        return out
+
     @property
     def class_names(self) -> Optional[List[str]]:
         if self.caption is not None and not self.training:
@@ -165,6 +228,10 @@ class GroundingPredictor(OpenVocabularyPredictor):
 
     @property
     def num_classes(self) -> int:
+        """Classes of the active vocabulary, or phrases of the caption; with grounding data,
+        the most phrases an image of the batch has (class ``k`` = phrase ``k``)."""
+        if self._batch is not None:
+            return max(len(p) for p in self.image_prompts(len(self._batch)))
         if self.caption is not None and not self.training:
             return len(self.caption)
         return self.cls_score.num_classes()
@@ -174,13 +241,17 @@ class GroundingPredictor(OpenVocabularyPredictor):
         pass
 
     # ---- forward ----
-    def token_logits(self, emb: torch.Tensor, counts: Sequence[int], prompt: GroundingPrompt) -> torch.Tensor:
+    def token_logits(self, emb: torch.Tensor, counts: Sequence[int], prompt) -> torch.Tensor:
         """``[R, D]`` region embeddings of images holding ``counts`` regions each -> ``[R, T]``
-        token logits against ``prompt`` (after the fusion layers, per image)."""
-        feats = self._encoder().encode_prompts([prompt])
-        tokens, mask = feats["tokens"].to(emb.device, emb.dtype), feats["mask"].to(emb.device)
+        token logits against ``prompt`` (one :class:`GroundingPrompt` for all images, or a
+        list with one per image), after the fusion layers, per image."""
+        prompts = [prompt] if isinstance(prompt, GroundingPrompt) else list(prompt)
         v, vmask = split_regions(emb, counts)
         n = v.shape[0]
+        if len(prompts) not in (1, n):
+            raise ValueError(f"{len(prompts)} prompts for {n} images: give one prompt, or one per image")
+        feats = self._encoder().encode_prompts(prompts)
+        tokens, mask = feats["tokens"].to(emb.device, emb.dtype), feats["mask"].to(emb.device)
         t = tokens.expand(n, -1, -1)
         tm = mask.expand(n, -1)
         v, t = self.deep_fusion(v, t, tm, vmask)
@@ -195,9 +266,22 @@ class GroundingPredictor(OpenVocabularyPredictor):
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         counts = [x.shape[0]] if counts is None else list(counts)
-        prompts = self.prompts()
         deltas = self.bbox_pred(x).float()
         emb = self.embed(x)
+        per_image = self.image_prompts(len(counts))
+        if per_image is not None:
+            logits = self.token_logits(emb, counts, per_image)
+            if self.training:
+                return logits, deltas
+            # class k of an image = phrase k of its own prompt; columns past its phrases are 0
+            probs = logits.new_zeros(logits.shape[0], max(len(p) for p in per_image), dtype=torch.float32)
+            start = 0
+            for p, c in zip(per_image, counts):
+                probs[start:start + c, :len(p)] = class_scores(logits[start:start + c].float(),
+                                                               p.positive_map().to(emb.device), self.reduce)
+                start += c
+            return probs, deltas
+        prompts = self.prompts()
         if self.training:
             if len(prompts) != 1:
                 raise ValueError(f"the training vocabulary needs {len(prompts)} prompts but training takes one: use "
@@ -214,6 +298,27 @@ class GroundingPredictor(OpenVocabularyPredictor):
     # ---- training ----
     def losses(self, predictions, proposals):
         logits, deltas = predictions
+        per_image = self.image_prompts(len(proposals))
+        if per_image is None:
+            targets, mask = self._class_prompt_targets(logits, proposals)
+        else:
+            targets, mask = self._grounding_targets(logits, proposals, per_image)
+        if len(proposals):
+            gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0)
+        else:
+            gt_classes = torch.empty(0, dtype=torch.long, device=logits.device)
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
+        if per_image is not None:  # box regression (class-agnostic): a region with a target phrase is foreground
+            gt_classes = torch.where(targets.any(dim=1), torch.zeros_like(gt_classes), torch.full_like(gt_classes, -1))
+        return {
+            "loss_grounding": grounding_focal_loss(logits, targets, mask, self.focal_alpha, self.token_focal_gamma),
+            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
+        }
+
+    def _class_prompt_targets(self, logits, proposals):
+        """Token targets and mask of detection data against the one class prompt."""
         prompt = self.prompts()[0]
         gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else \
             torch.empty(0, dtype=torch.long, device=logits.device)
@@ -227,17 +332,35 @@ class GroundingPredictor(OpenVocabularyPredictor):
             full[:, labels] = class_scores(logits.detach().float(), pm[labels], self.reduce)
             full[:, num_classes] = 0.5
             _log_classification_stats(full, gt_classes)
-        targets = token_targets(gt_classes, pm)
         mask = self._encoder().encode_prompts([prompt])["mask"][0].to(logits.device)
-        if len(proposals):
-            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
-            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0)
-        else:
-            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
-        return {
-            "loss_grounding": grounding_focal_loss(logits, targets, mask, self.focal_alpha, self.token_focal_gamma),
-            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
-        }
+        return token_targets(gt_classes, pm), mask
+
+    def _grounding_targets(self, logits, proposals, prompts):
+        """Per-image token targets and ``[R, T]`` mask: a region matched to a box of phrase
+        ``k`` (``gt_phrases``; grounding data marks its boxes ``gt_classes`` 0, background
+        is any other class) targets phrase ``k``'s tokens; images without grounding data
+        target their class's tokens in the class prompt. Padding and withheld words are
+        masked out."""
+        feats = self._encoder().encode_prompts(prompts)
+        token_mask = feats["mask"].to(logits.device)
+        targets, masks = [], []
+        for i, (p, prompt) in enumerate(zip(proposals, prompts)):
+            pm = prompt.positive_map().to(logits.device)
+            g = self._batch[i]
+            if g is None:  # detection data: class k is phrase k of the class prompt
+                labels = p.gt_classes
+            elif p.has("gt_phrases"):
+                labels = torch.where(p.gt_classes == 0, p.gt_phrases, torch.full_like(p.gt_phrases, -1))
+            else:  # an image without boxes: every region is background
+                labels = torch.full((len(p),), -1, dtype=torch.long, device=logits.device)
+            targets.append(token_targets(labels, pm))
+            m = token_mask[i].clone()
+            if prompt.ignore_positions:
+                m[torch.tensor(prompt.ignore_positions, device=m.device)] = False
+            masks.append(m.expand(len(p), -1))
+        if not targets:
+            return logits.new_zeros(logits.shape), torch.zeros_like(logits, dtype=torch.bool)
+        return cat(targets, dim=0), cat(masks, dim=0)
 
     # ---- inference ----
     def predict_probs(self, predictions, proposals):

@@ -49,6 +49,10 @@ class GroundingPrompt:
         token_ids: ``[context_length]`` ids, equal to the tokenizer's ``__call__`` on ``caption``.
         num_positions: positions in use (start-of-text ... end-of-text).
         concepts: for :func:`caption_prompt`, each phrase's lemmatised concept ("red star").
+        token_positions: for a phrase named in several places (:func:`grounded_prompt`), the
+            text-tower positions of all its spans; ``None``: each phrase's ``token_spans``.
+        ignore_positions: positions a training loss leaves out (words naming objects whose
+            boxes are withheld, :func:`grounded_prompt`); empty for the other prompts.
     """
 
     caption: str
@@ -59,6 +63,8 @@ class GroundingPrompt:
     token_ids: torch.Tensor
     num_positions: int
     concepts: Optional[List[str]] = field(default=None)
+    token_positions: Optional[List[List[int]]] = field(default=None)
+    ignore_positions: List[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -71,7 +77,14 @@ class GroundingPrompt:
         """``[num_phrases, context_length]``: 1 at each phrase's token positions (GLIP's
         token targets); with ``normalize`` each row sums to 1 (a phrase's score = the mean of
         its tokens' scores)."""
-        return positive_map(self.token_spans, self.context_length, normalize)
+        if self.token_positions is None:
+            return positive_map(self.token_spans, self.context_length, normalize)
+        out = torch.zeros(len(self.token_positions), self.context_length)
+        for i, pos in enumerate(self.token_positions):
+            out[i, list(pos)] = 1.0
+        if normalize and len(out):
+            out = out / out.sum(dim=1, keepdim=True)
+        return out
 
 
 def positive_map(token_spans: Sequence[Span], context_length: int, normalize: bool = False) -> torch.Tensor:
@@ -210,6 +223,37 @@ def phrase_prompt(caption: str, char_spans: Sequence[Span], tokenizer, context_l
                              f"({len(caption)} characters)")
     labels = list(range(len(char_spans))) if labels is None else list(labels)
     return _prompt(tokenize_with_offsets(tokenizer, caption), char_spans, labels, length, "caption")
+
+
+def grounded_prompt(caption: str, phrase_spans: Sequence[Sequence[Span]], tokenizer,
+                    context_length: Optional[int] = None, ignore_spans: Sequence[Span] = ()) -> GroundingPrompt:
+    """A caption of grounding data and its grounded phrases, each given by the character
+    spans that name it (one or several: an annotation's ``tokens_positive``); phrase ``i``
+    is class ``i``. ``phrases`` / ``char_spans`` / ``token_spans`` hold each phrase's first
+    span, ``token_positions`` the tokens of all of them (what :meth:`GroundingPrompt.positive_map`
+    uses); ``ignore_spans`` (e.g. MDETR-style ``tokens_withheld``) become ``ignore_positions``.
+    Raises :class:`NoPhraseError` for an empty caption, ``ValueError`` for a span outside it
+    and :class:`PromptTooLongError` for a caption longer than the context."""
+    groups = [[(int(a), int(b)) for a, b in spans] for spans in phrase_spans]
+    if any(not g for g in groups):
+        raise ValueError("a phrase without spans: give each phrase at least one [start, end) span")
+    prompt = phrase_prompt(caption, [g[0] for g in groups], tokenizer, context_length)
+    tokenized = tokenize_with_offsets(tokenizer, prompt.caption)
+
+    def positions(spans):
+        pos = set()
+        for a, b in spans:
+            if not 0 <= a < b <= len(prompt.caption):
+                raise ValueError(f"span [{a}, {b}) is not a non-empty span of the caption {prompt.caption[:80]!r} "
+                                 f"({len(prompt.caption)} characters)")
+            s, e = tokenized.token_span(a, b)
+            pos.update(range(s, e))
+        return sorted(pos)
+
+    if any(len(g) > 1 for g in groups):
+        prompt.token_positions = [positions(g) for g in groups]
+    prompt.ignore_positions = positions(ignore_spans)
+    return prompt
 
 
 def caption_prompt(caption: str, tokenizer, context_length: Optional[int] = None,

@@ -243,10 +243,23 @@ class CLIPFastRCNN(TwoBranchModel):
         return list(torch.nn.functional.normalize(emb.float(), dim=-1).split([len(b) for b in boxes]))
 
     # ------------------------------------------------------------------ forward
+    def set_batch_groundings(self, groundings: Optional[Sequence[Optional[dict]]]):
+        """Hand the batch's ``grounding`` entries (grounding data, one per image or ``None``)
+        to the grounding head; a detector without one refuses them in training (its
+        classifier cannot learn from phrases)."""
+        pred = self.roi_heads.box_predictor
+        if hasattr(pred, "set_batch_groundings"):
+            pred.set_batch_groundings(groundings)
+        elif self.training and groundings is not None and any(g is not None for g in groundings):
+            raise ValueError("these training images are grounding data (captions whose phrases name the boxes), "
+                             "which trains the grounding head only: set MODEL.GROUNDING.ENABLED True, or train on "
+                             "detection data")
+
     def forward(self, batched_inputs: List[Dict]):
         self.prepare_vocabulary()
         if not self.training:
             return self.inference(batched_inputs)
+        self.set_batch_groundings([x.get("grounding") for x in batched_inputs])
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs] \
             if "instances" in batched_inputs[0] else None
         regions, losses = self._regions(batched_inputs, gt_instances)
@@ -276,6 +289,29 @@ class CLIPFastRCNN(TwoBranchModel):
         finally:
             self.set_folding(False)
 
+    def _phrase_classifier(self, images, features, regions, groundings):
+        """Grounding by the text-embedding classifier alone (the baseline of a grounding
+        head): each image's phrases, embedded like class names (the prompt templates), are
+        its vocabulary; class ``k`` is phrase ``k``. Images without ``grounding`` use the
+        test vocabulary."""
+        if self.lang_encoder is None:
+            raise ValueError("grounding captions with the text-embedding classifier needs the CLIP text tower to embed "
+                             "their phrases: set MODEL.CLIP.OPENCLIP_MODEL (or OPENCLIP_MODEL_CONFIG)")
+        outs = []
+        vocab = self._vocabulary(False)
+        for i, g in enumerate(groundings):
+            sub = ImageList(images.tensor[i:i + 1], [images.image_sizes[i]])
+            feats = {k: v[i:i + 1] for k, v in features.items()}
+            if g is None:
+                outs += self.roi_heads(sub, feats, [regions[i]], None)[0]
+                continue
+            texts = phrase_texts(g)
+            distinct = list(dict.fromkeys(texts))
+            emb = embed_class_names(distinct, self.lang_encoder, templates=self.prompt_templates, use_cache=False)
+            with vocab.replaced(emb[[distinct.index(t) for t in texts]], texts):
+                outs += self.roi_heads(sub, feats, [regions[i]], None)[0]
+        return outs
+
     def _inference(self, batched_inputs, do_postprocess):
         regions = self.get_regions(batched_inputs)
         images = self.preprocess_image(batched_inputs)
@@ -288,7 +324,16 @@ class CLIPFastRCNN(TwoBranchModel):
                 sub_images = ImageList(images.tensor[nonempty], [images.image_sizes[i] for i in nonempty])
             else:
                 sub_images = images
-            outs, _ = self.roi_heads(sub_images, features, [regions[i] for i in nonempty], None)
+            groundings = [batched_inputs[i].get("grounding") for i in nonempty]
+            if any(g is not None for g in groundings) and \
+                    not hasattr(self.roi_heads.box_predictor, "set_batch_groundings"):
+                outs = self._phrase_classifier(sub_images, features, [regions[i] for i in nonempty], groundings)
+            else:
+                self.set_batch_groundings(groundings)
+                try:
+                    outs, _ = self.roi_heads(sub_images, features, [regions[i] for i in nonempty], None)
+                finally:
+                    self.set_batch_groundings(None)
             for i, o in zip(nonempty, outs):
                 results[i] = o
         for i, r in enumerate(regions):
@@ -306,6 +351,12 @@ class CLIPFastRCNN(TwoBranchModel):
             w = x.get("width", size[1])
             out.append({"instances": detector_postprocess(res, h, w)})
         return out
+
+
+def phrase_texts(grounding: dict) -> List[str]:
+    """The text of each grounded phrase of a ``grounding`` entry (its spans joined by a space)."""
+    cap = grounding["caption"]
+    return [" ".join(cap[int(a):int(b)] for a, b in spans) for spans in grounding["phrases"]]
 
 
 def _text_encoder_loaded(model, incompatible_keys):

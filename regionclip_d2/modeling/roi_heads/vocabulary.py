@@ -15,6 +15,7 @@ the temperature (``logit_affine`` ``[C, 2]``; empty = the identity for every cla
 classes given by image exemplars are put on the text classes' scale
 (:meth:`regionclip_d2.Detector.calibrate_exemplars`); the background column stays 0.
 """
+import contextlib
 import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -104,6 +105,18 @@ class Vocabulary(nn.Module):
         """New text-encoder weights: a vocabulary given as names must be embedded again."""
         if self.from_names:
             self.stale = True
+
+    @contextlib.contextmanager
+    def replaced(self, embeddings: torch.Tensor, names: Optional[Sequence[str]] = None):
+        """Within the block the vocabulary is ``embeddings`` (and ``names``); afterwards it is
+        what it was, embeddings, names and state (e.g. a caption's phrases for one image)."""
+        with self.lock:
+            saved = (self.embeddings, self.logit_affine, self.names, self.source, self.stale)
+            self.set(embeddings, names, source="tensor")
+            try:
+                yield self
+            finally:
+                self.embeddings, self.logit_affine, self.names, self.source, self.stale = saved
 
     def refresh(self, embed: Callable[[List[str]], torch.Tensor]):
         """Embed the names with ``embed`` (names -> ``[C, D]``) if the vocabulary is stale."""
