@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: setup demo reproduce clipself demo-photo app test bench clean-venv
+.PHONY: setup demo reproduce clipself grounding demo-photo app test bench clean-venv
 
 setup:
 	bash tools/setup/install.sh
@@ -19,6 +19,10 @@ reproduce: setup
 # CLIPSelf and F-ViT in a synthetic world: a ViT world CLIP, its dense features before / after, F-ViT transfer
 clipself: setup
 	$(PY) tools/synthetic_clipself.py --output output/synthetic_clipself
+
+# phrase grounding after make demo: grounding heads trained on captions against the demo's classifier (about 15 min)
+grounding: setup
+	$(PY) tools/synthetic_grounding.py --run output/synthetic_demo
 
 # the zero-shot detector on a real photo, with RANDOM weights (a smoke test of the app path)
 demo-photo: setup

@@ -300,3 +300,37 @@ def test_clipself_resume_checks_the_clip_and_reads_the_last_runs_losses(tmp_path
     (tmp_path / "clipself" / "metrics.json").write_text(
         "\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in rows) + "\n")
     assert pipe.clipself_losses() == [0.3, 0.2, 0.1]
+
+
+def test_grounding_in_the_world_of_a_finished_run(tiny_run, tmp_path):
+    """tools/synthetic_grounding.py: a grounding world whose captions name colours, grounding
+    heads trained on its captions through tools/train_net.py from the run's world CLIP and
+    student, the run's transfer detectors as the classifier baseline on the same test
+    captions, recall by phrase group and AP50 through the class prompt; --report-only."""
+    out, _ = tiny_run
+    g = tmp_path / "grounding"
+    cmd = [sys.executable, "tools/synthetic_grounding.py", "--run", str(out), "--output", str(g), "--iters", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    world = json.loads((g / "world" / "world.json").read_text())
+    assert world["params"]["colour_prob"] == 0.5 and world["seed"] == 1000
+    test = json.loads((g / "world" / "annotations" / "grounding_test.json").read_text())
+    n_phrases = sum(len(im["tokens_positive_eval"]) for im in test["images"])
+    res = json.loads((g / "results.json").read_text())
+    assert len(res["rows"]) == 4 and res["iters"] == 2
+    for row in res["rows"].values():
+        assert row["groups"]["all"]["phrases"] == n_phrases  # every test phrase, once, for every detector
+        assert row["groups"]["novel"]["phrases"] + row["groups"]["base"]["phrases"] == n_phrases
+        assert all(math.isnan(v["R@1"]) or 0.0 <= v["R@1"] <= v["R@5"] <= v["R@10"] <= 100.0
+                   for v in row["groups"].values())
+        assert set(row["detection"]) == {"AP50-novel", "AP50-base", "AP50-all"}
+    cfg = (g / "grounding" / "regionclip" / "config.yaml").read_text()
+    assert "GROUNDING:\n    ALIGN_DIM: 64" in cfg and "ENABLED: true" in cfg.split("GROUNDING:")[1][:200]
+    assert f"WEIGHTS: {out / 'pretrain' / 'model_final.pth'}" in cfg
+    base_cfg = (g / "baseline" / "regionclip" / "config.yaml").read_text()
+    assert str(out / "transfer" / "regionclip_fpn" / "model_final.pth") in base_cfg
+    table = (g / "results.md").read_text()
+    assert table.count("| grounding head (FPN, trained on captions) |") == 2
+    r2 = subprocess.run(cmd + ["--report-only"], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r2.returncode == 0 and (g / "results.md").read_text() == table
