@@ -83,13 +83,17 @@ def add_regionclip_config(cfg):
     g.ENABLED = False  # the CLIP detectors' box predictor becomes regionclip_d2.grounding.GroundingPredictor
     g.TEXT_DIM = 0  # width of the token features (0 = MODEL.CLIP.TEXT_EMB_DIM)
     g.FUSION_LAYERS = 1  # L bidirectional cross-attention layers between regions and tokens (0 = late fusion)
-    g.ALIGN_DIM = 256  # width of the alignment space and of the fusion attention
+    g.ALIGN_DIM = 256  # width of the alignment space and of the fusion attention (0 = the token features' width)
     g.FUSION_HEADS = 8
     g.PRIOR_PROB = 0.01  # initial token probability (the alignment bias)
-    g.REDUCE = "mean"  # a class's score from its tokens' probabilities: mean | max
+    g.REDUCE = "mean"  # a class's score from its tokens' probabilities: mean | max | last (the phrase's last token)
     g.FOCAL_ALPHA = 0.25  # sigmoid focal loss over tokens
     g.FOCAL_GAMMA = 2.0
     g.TRAIN_TEXT = False  # the text tower learns (default: frozen token features)
+    # each phrase's tokens also carry the phrase's own CLIP embedding (read alone: its end-of-text output, the one
+    # CLIP aligns with images; CLIP's causal text tower trains no other token for that)
+    g.PHRASE_EMBEDDINGS = "none"  # none | add (to the phrase's tokens) | replace (the phrase's tokens)
+    g.ALIGN_INIT = "random"  # random | identity (both projections start as the identity: needs ALIGN_DIM = widths)
     # --- optimiser ---
     _C.SOLVER.OPTIMIZER = "SGD"  # SGD (detectron2's, momentum SOLVER.MOMENTUM) | ADAMW (betas 0.9/0.999)
     # --- reliability of training runs ---

@@ -68,6 +68,24 @@ def match_vocabulary(model, dataset_name):
                          "OPENSET_TEST_NUM_CLASSES) to the data set's classes")
 
 
+def training_dataset_dicts(cfg, filter_empty: bool) -> list:
+    """The dicts of ``DATASETS.TRAIN``: detection data sets joined by detectron2 (their class
+    lists must agree, and proposal files apply to them), then each grounding data set
+    (captions; ``evaluator_type`` grounding) on its own: its categories need not be the
+    detection data's, since its boxes are named by its captions' phrases."""
+    grounding = [n for n in cfg.DATASETS.TRAIN if MetadataCatalog.get(n).get("evaluator_type") == "grounding"]
+    detection = [n for n in cfg.DATASETS.TRAIN if n not in grounding]
+    if grounding and cfg.MODEL.LOAD_PROPOSALS:
+        raise ValueError(f"precomputed proposals (MODEL.LOAD_PROPOSALS) are not read for grounding data sets "
+                         f"{grounding}: train on them without proposal files")
+    dicts = get_detection_dataset_dicts(
+        detection, filter_empty=filter_empty,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None) if detection else []
+    for name in grounding:
+        dicts = dicts + get_detection_dataset_dicts([name], filter_empty=filter_empty)
+    return dicts
+
+
 def periodic_checkpoints(output_dir: str):
     """Paths of ``model_<iteration>.pth`` in ``output_dir``, oldest first."""
     if not os.path.isdir(output_dir):
@@ -212,10 +230,7 @@ class RegionCLIPTrainer(DefaultTrainer):
             if cfg.DATASETS.TRAIN and all(is_caption_dataset(n) for n in cfg.DATASETS.TRAIN):
                 return build_caption_train_loader(cfg)
             filter_empty = False  # unlabelled images are training images too
-        dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=filter_empty,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
-        return build_resumable_train_loader(cfg, dicts, build_train_mapper(cfg))
+        return build_resumable_train_loader(cfg, training_dataset_dicts(cfg, filter_empty), build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -53,14 +53,24 @@ class RegionTokenAlignment(nn.Module):
     """
 
     def __init__(self, visual_dim: int, text_dim: int, dim: int = 256, prior_prob: float = 0.01,
-                 init_scale: float = 10.0):
+                 init_scale: float = 10.0, init: str = "random"):
         super().__init__()
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob={prior_prob}: use a probability in (0, 1)")
         if init_scale <= 0:
             raise ValueError(f"init_scale={init_scale}: the logit scale must be positive")
+        if init not in ("random", "identity"):
+            raise ValueError(f"init={init!r}: use 'random' or 'identity'")
+        if init == "identity" and not visual_dim == text_dim == dim:
+            raise ValueError(f"an identity start needs equal widths, but regions have {visual_dim}, tokens {text_dim} "
+                             f"and the alignment {dim}: set MODEL.GROUNDING.ALIGN_DIM {text_dim} (the CLIP "
+                             "embedding width) or ALIGN_INIT random")
         self.visual_proj = nn.Linear(visual_dim, dim)
         self.text_proj = nn.Linear(text_dim, dim)
+        if init == "identity":  # the alignment starts as the cosine of the two (CLIP-aligned) spaces
+            for proj in (self.visual_proj, self.text_proj):
+                nn.init.eye_(proj.weight)
+                nn.init.zeros_(proj.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = nn.Parameter(torch.tensor(-math.log((1.0 - prior_prob) / prior_prob)))
 
@@ -90,7 +100,10 @@ def class_scores(token_logits: torch.Tensor, positive_map: torch.Tensor, reduce:
     Args:
         token_logits: ``[..., T]``.
         positive_map: ``[C, T]``, 1 on each class's token span (``GroundingPrompt.positive_map()``).
-        reduce: ``"mean"`` (GLIP's default) or ``"max"`` of the span's token probabilities.
+        reduce: ``"mean"`` (GLIP's default) or ``"max"`` of the span's token probabilities, or
+            ``"last"``: the probability of the span's last token, the one that has read the
+            whole phrase in a causal text tower such as CLIP's (its earlier tokens have not
+            seen the words after them: "a" of "a star" is "a" of "a moon").
     Returns:
         ``[..., C]`` probabilities in [0, 1].
     """
@@ -105,7 +118,10 @@ def class_scores(token_logits: torch.Tensor, positive_map: torch.Tensor, reduce:
         return prob @ (pm / pm.sum(dim=1, keepdim=True)).t()
     if reduce == "max":
         return (prob.unsqueeze(-2) * pm).amax(dim=-1)  # probabilities are >= 0, so zeros never win wrongly
-    raise ValueError(f"reduce={reduce!r}: use 'mean' or 'max'")
+    if reduce == "last":
+        last = pm.shape[1] - 1 - pm.flip(dims=[1]).argmax(dim=1)  # each class's last token
+        return prob[..., last]
+    raise ValueError(f"reduce={reduce!r}: use 'mean', 'max' or 'last'")
 
 
 def token_targets(labels: torch.Tensor, positive_map: torch.Tensor) -> torch.Tensor:

@@ -88,24 +88,34 @@ class GroundingPredictor(OpenVocabularyPredictor):
         reduce: a class's score from its tokens: ``"mean"`` or ``"max"``.
         focal_alpha, token_focal_gamma: the sigmoid focal loss over tokens.
         train_text: the text tower learns (off by default: frozen token features).
+        phrase_embeddings: ``"add"``: each phrase's tokens also carry the text tower's embedding
+            of the phrase read alone (:meth:`phrase_token_embeddings`); ``"replace"``: they are
+            that embedding; ``"none"``: per-token features only (GLIP's).
+        align_init: ``"identity"`` starts both alignment projections at the identity (the
+            alignment starts as CLIP's cosine; needs ``align_dim`` = both widths).
     """
 
     @configurable
     def __init__(self, input_shape, *, embed_dim: int, text_dim: int, fusion_layers: int = 0, align_dim: int = 256,
                  fusion_heads: int = 8, prior_prob: float = 0.01, reduce: str = "mean", focal_alpha: float = 0.25,
-                 token_focal_gamma: float = 2.0, train_text: bool = False, **kwargs):
+                 token_focal_gamma: float = 2.0, train_text: bool = False, phrase_embeddings: str = "none",
+                 align_init: str = "random", **kwargs):
         super().__init__(input_shape, embed_dim=embed_dim, **kwargs)
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"MODEL.GROUNDING.REDUCE={reduce!r}: use 'mean' or 'max'")
+        if reduce not in ("mean", "max", "last"):
+            raise ValueError(f"MODEL.GROUNDING.REDUCE={reduce!r}: use 'mean', 'max' or 'last'")
         # (``self.fusion`` is the parent's RPN-score fusion mode)
         self.deep_fusion = DeepFusion(embed_dim, text_dim, num_layers=fusion_layers, embed_dim=align_dim,
                                       num_heads=fusion_heads)
-        self.align = RegionTokenAlignment(embed_dim, text_dim, dim=align_dim, prior_prob=prior_prob)
+        if phrase_embeddings not in ("none", "add", "replace"):
+            raise ValueError(f"MODEL.GROUNDING.PHRASE_EMBEDDINGS={phrase_embeddings!r}: use 'none', 'add' or 'replace'")
+        self.align = RegionTokenAlignment(embed_dim, text_dim, dim=align_dim, prior_prob=prior_prob, init=align_init)
         self.text_dim = text_dim
         self.reduce = reduce
         self.focal_alpha = focal_alpha
         self.token_focal_gamma = token_focal_gamma
         self.train_text = train_text
+        self.phrase_embeddings = phrase_embeddings
+        self._phrase_cache: Dict[str, torch.Tensor] = {}
         self.token_encoder: Optional[TokenFeatureEncoder] = None
         self._prompts: Dict[tuple, List[GroundingPrompt]] = {}
         self._grounded: Dict[tuple, GroundingPrompt] = {}  # prompts of grounding data, by caption and spans
@@ -116,9 +126,10 @@ class GroundingPredictor(OpenVocabularyPredictor):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         g = cfg.MODEL.GROUNDING
-        ret.update(text_dim=g.TEXT_DIM or cfg.MODEL.CLIP.TEXT_EMB_DIM, fusion_layers=g.FUSION_LAYERS,
-                   align_dim=g.ALIGN_DIM, fusion_heads=g.FUSION_HEADS, prior_prob=g.PRIOR_PROB, reduce=g.REDUCE,
-                   focal_alpha=g.FOCAL_ALPHA, token_focal_gamma=g.FOCAL_GAMMA, train_text=g.TRAIN_TEXT)
+        text_dim = g.TEXT_DIM or cfg.MODEL.CLIP.TEXT_EMB_DIM
+        ret.update(text_dim=text_dim, fusion_layers=g.FUSION_LAYERS, align_dim=g.ALIGN_DIM or text_dim, fusion_heads=g.FUSION_HEADS, prior_prob=g.PRIOR_PROB, reduce=g.REDUCE,
+                   focal_alpha=g.FOCAL_ALPHA, token_focal_gamma=g.FOCAL_GAMMA, train_text=g.TRAIN_TEXT,
+                   phrase_embeddings=g.PHRASE_EMBEDDINGS, align_init=g.ALIGN_INIT)
         return ret
 
     # ---- text side ----
@@ -134,6 +145,7 @@ class GroundingPredictor(OpenVocabularyPredictor):
         object.__setattr__(self, "token_encoder", tfe)  # plain attribute, not a registered submodule
         self._prompts.clear()
         self._grounded.clear()
+        self._phrase_cache.clear()
 
     def _encoder(self) -> TokenFeatureEncoder:
         if self.token_encoder is None:
@@ -252,11 +264,40 @@ class GroundingPredictor(OpenVocabularyPredictor):
             raise ValueError(f"{len(prompts)} prompts for {n} images: give one prompt, or one per image")
         feats = self._encoder().encode_prompts(prompts)
         tokens, mask = feats["tokens"].to(emb.device, emb.dtype), feats["mask"].to(emb.device)
+        if self.phrase_embeddings != "none":
+            phr = self.phrase_token_embeddings(prompts).to(emb.device, emb.dtype)
+            if self.phrase_embeddings == "add":
+                tokens = tokens + phr
+            else:  # replace: a phrase's tokens are its own embedding
+                tokens = torch.where(phr.abs().sum(dim=-1, keepdim=True) > 0, phr, tokens)
         t = tokens.expand(n, -1, -1)
         tm = mask.expand(n, -1)
         v, t = self.deep_fusion(v, t, tm, vmask)
         logits = self.align(v, t, tm)  # [N, max_count, T]
         return logits[vmask]
+
+    def phrase_token_embeddings(self, prompts: Sequence[GroundingPrompt]) -> torch.Tensor:
+        """``[P, T, D]``: at each phrase's tokens, the text tower's embedding of the phrase read
+        alone (its end-of-text output: the one CLIP aligns with images); zero elsewhere. With
+        a frozen text tower the phrases' embeddings are cached."""
+        enc = self._encoder()
+        texts = sorted({ph for p in prompts for ph in p.phrases})
+        missing = [t for t in texts if t not in self._phrase_cache] if not self.train_text else texts
+        fresh = {}
+        if missing:
+            ids = enc.encoder.tokenizer(missing)[:, :enc.context_length]
+            eot = enc(ids)["eot"]
+            fresh = dict(zip(missing, eot))
+            if not self.train_text:
+                if len(self._phrase_cache) >= 50000:
+                    self._phrase_cache.clear()
+                self._phrase_cache.update({t: e.detach() for t, e in fresh.items()})
+        out = []
+        for p in prompts:
+            pm = p.positive_map().to(enc.encoder.text_projection.device)
+            e = torch.stack([fresh.get(ph, self._phrase_cache.get(ph)) for ph in p.phrases])  # [C, D]
+            out.append(pm.t() @ e.to(pm.dtype) / pm.sum(dim=0).clamp(min=1)[:, None])  # a token in two phrases: mean
+        return torch.stack(out)
 
     def forward(self, x: torch.Tensor, counts: Optional[Sequence[int]] = None):
         """``[R, ...]`` region features (``counts`` per image; default: one image) ->

@@ -28,9 +28,10 @@ C4_GT = "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml"
 
 def model_of(tiny_clip_config, grounding=True, extra=()):
     torch.manual_seed(0)
-    opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0] + list(extra)
+    opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
     if grounding:
         opts += ["MODEL.GROUNDING.ENABLED", True, "MODEL.GROUNDING.FUSION_LAYERS", 1, "MODEL.GROUNDING.ALIGN_DIM", 32]
+    opts += list(extra)
     return build_model(tiny_cfg(C4_GT, tiny_clip_config, extra=opts))
 
 
@@ -206,3 +207,77 @@ def tiny_eval_cfg(tmp_path):
     cfg = get_regionclip_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)
     return cfg
+
+
+def test_detection_and_grounding_data_train_together(tmp_path):
+    """DATASETS.TRAIN may join detection data (its own class list) and grounding data (any
+    categories): both come in, and the mapper gives captions only to the grounding dicts."""
+    from helpers import make_coco
+
+    from regionclip_d2 import get_regionclip_cfg
+    from regionclip_d2.data.datasets import register_coco_format
+    from regionclip_d2.engine.trainer import training_dataset_dicts
+
+    det_json, det_root = make_coco(tmp_path / "det", n_images=3)
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "g.png")
+    (tmp_path / "g.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "g.png", "height": 50, "width": 50, "caption": "a star"}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 20, 20], "tokens_positive": [[0, 6]]}],
+         "categories": [{"id": 7, "name": "star"}]}))
+    names = [register_coco_format("mix_det", str(det_json), str(det_root)),
+             register_grounding_dataset("mix_grounding", str(tmp_path / "g.json"), str(tmp_path))]
+    try:
+        cfg = get_regionclip_cfg()
+        cfg.DATASETS.TRAIN = tuple(names)
+        dicts = training_dataset_dicts(cfg, filter_empty=True)
+        assert len(dicts) == 4 and ["caption" in d for d in dicts] == [False, False, False, True]
+        mapper = GroundingDatasetMapper(is_train=True, augmentations=[], image_format="RGB")
+        mapped = [mapper(d) for d in dicts]
+        assert ["grounding" in m for m in mapped] == [False, False, False, True]
+        assert mapped[3]["instances"].gt_phrases.tolist() == [0] and not mapped[0]["instances"].has("gt_phrases")
+        cfg.MODEL.LOAD_PROPOSALS = True
+        with pytest.raises(ValueError, match="grounding data sets"):
+            training_dataset_dicts(cfg, filter_empty=True)
+    finally:
+        for n in names:
+            DatasetCatalog.remove(n)
+            MetadataCatalog.remove(n)
+
+
+def test_last_token_scores_by_hand():
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, 0.5]])
+    pm = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1.0]])
+    torch.testing.assert_close(class_scores(logits, pm, "last"), torch.sigmoid(torch.tensor([[-1.0, 0.5]])))
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_phrase_embeddings_are_each_phrase_read_alone(tiny_clip_config, mode):
+    """PHRASE_EMBEDDINGS: a phrase's tokens carry (add) or are (replace) the text tower's
+    end-of-text output for the phrase alone; ALIGN_INIT identity starts the alignment as the
+    cosine of region and token features."""
+    model = model_of(tiny_clip_config, extra=["MODEL.GROUNDING.PHRASE_EMBEDDINGS", mode, "MODEL.GROUNDING.ALIGN_INIT",
+                                              "identity", "MODEL.GROUNDING.ALIGN_DIM", 0,
+                                              "MODEL.GROUNDING.FUSION_LAYERS", 0]).eval()
+    pred = model.roi_heads.box_predictor
+    enc = pred.token_encoder
+    g = {"caption": "a cat next to a big dog", "phrases": [[[0, 5]], [[14, 23]]]}
+    prompt = pred.grounding_prompt(g)
+    phr = pred.phrase_token_embeddings([prompt])[0]
+    alone = enc(enc.encoder.tokenizer(["a cat", "a big dog"])[:, :enc.context_length])["eot"]
+    a, b = prompt.token_spans[1]
+    torch.testing.assert_close(phr[a:b], alone[1].expand(b - a, -1))
+    assert phr[prompt.token_spans[0][1]:a].abs().sum() == 0  # "next to": no phrase
+    # identity start: logits = scale * cos(region, token) + bias, with the phrase's tokens as the mode says
+    emb = torch.randn(3, enc.embed_dim)
+    logits = pred.token_logits(emb, [3], [prompt])
+    tok = enc.encode_prompts([prompt])
+    t = tok["tokens"][0] + phr if mode == "add" else torch.where(phr.abs().sum(-1, keepdim=True) > 0, phr,
+                                                                  tok["tokens"][0])
+    cos = torch.nn.functional.cosine_similarity(emb[:, None], t[None], dim=-1)
+    expect = cos * pred.align.log_scale.exp() + pred.align.bias
+    n = prompt.num_positions
+    torch.testing.assert_close(logits[:, :n], expect[:, :n], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ALIGN_DIM"):
+        model_of(tiny_clip_config, extra=["MODEL.GROUNDING.ALIGN_INIT", "identity", "MODEL.GROUNDING.ALIGN_DIM", 32])
+    with pytest.raises(ValueError, match="PHRASE_EMBEDDINGS"):
+        model_of(tiny_clip_config, extra=["MODEL.GROUNDING.PHRASE_EMBEDDINGS", "sum"])
