@@ -113,7 +113,7 @@ def eval_opts(pipe):
             "MODEL.CLIP.MULTIPLY_RPN_SCORE", False]
 
 
-def start_grounding(pipe, run, tag: str, weights: str, iters: int, threads: int):
+def start_grounding(pipe, run, tag: str, weights: str, iters: int, threads: int, opts=()):
     p = run.p
     out = os.path.join(pipe.out, "grounding", tag)
     return pipe.start_tool("train_net.py", ["--config-file", GROUNDING_CONFIG] + register_args(pipe)
@@ -122,7 +122,7 @@ def start_grounding(pipe, run, tag: str, weights: str, iters: int, threads: int)
                               "SOLVER.IMS_PER_BATCH", p["transfer_batch"], "SOLVER.BASE_LR", p["transfer_lr"],
                               "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", min(30, iters // 4)]
                            + pipe.size_args() + pipe.class_args(test_vocab=False)[:2] + pipe.model_args()
-                           + eval_opts(pipe), "grounding", log_name=f"grounding_{tag}", threads=threads)
+                           + eval_opts(pipe) + list(opts), "grounding", log_name=f"grounding_{tag}", threads=threads)
 
 
 def start_baseline(pipe, run, tag: str, weights: str, threads: int):
@@ -179,6 +179,9 @@ def main(argv=None):
                     "the run's transfer_iters)")
     ap.add_argument("--num-train", type=int, default=0, help="training images of the grounding world (default: the "
                     "run's num_train)")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
+                    help="config overrides for the grounding detectors (last option), e.g. --opts "
+                    "MODEL.GROUNDING.PHRASE_EMBEDDINGS none MODEL.GROUNDING.ALIGN_INIT random")
     ap.add_argument("--report-only", action="store_true", help="write the report again from the detectors of a "
                     "finished --output (no training or evaluation)")
     ap.add_argument("--num-test", type=int, default=1000, help="test images of the grounding world (default: "
@@ -205,6 +208,7 @@ def main(argv=None):
             previous = json.load(f)
         iters, args.colour_prob, run.p["num_train"] = previous["iters"], previous["colour_prob"], previous["num_train"]
         run.p["num_test"] = previous.get("num_test", run.p["num_test"])
+        args.opts = previous.get("opts", [])
         pipe.timings, t0 = previous["timings_s"], time.time() - previous["total_s"]
     else:
         run_stages(args, pipe, run, iters)
@@ -218,6 +222,7 @@ def main(argv=None):
         rows[f"grounding head ({arch}, trained on captions) | {label}"] = read_result(
             os.path.join(pipe.out, "grounding", tag), colours, pipe.world)
     results = {"seed": run.seed, "run": os.path.abspath(args.run), "colour_prob": args.colour_prob, "iters": iters,
+               "opts": list(args.opts),
                "num_train": run.p["num_train"], "num_test": run.p["num_test"], "names": pipe.names()[2], "rows": rows,
                "timings_s": pipe.timings, "total_s": time.time() - t0}
     command = "python tools/synthetic_grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -249,8 +254,8 @@ def run_stages(args, pipe, run, iters):
     student = os.path.join(run.out, "pretrain", "model_final.pth")
     inits = [(label, tag, student if tag == "regionclip" else "") for label, tag in INITS]
     pipe._stage(f"2/4 grounding: grounding heads trained on base-shape captions ({iters} iterations)",
-                lambda: jobs(lambda label, tag, w, threads: start_grounding(pipe, run, tag, w, iters, threads),
-                             inits))
+                lambda: jobs(lambda label, tag, w, threads: start_grounding(pipe, run, tag, w, iters, threads,
+                                                                          args.opts), inits))
     base_rows = []
     for label, tag, _ in inits:
         weights = transfer[label]["weights"]

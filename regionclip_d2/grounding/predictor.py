@@ -147,6 +147,10 @@ class GroundingPredictor(OpenVocabularyPredictor):
         self._grounded.clear()
         self._phrase_cache.clear()
 
+    def text_encoder_changed(self):
+        """New text-tower weights were loaded: cached phrase embeddings are stale."""
+        self._phrase_cache.clear()
+
     def _encoder(self) -> TokenFeatureEncoder:
         if self.token_encoder is None:
             raise NoTokenEncoderError("the grounding head has no text tower: call set_token_encoder(the detector's "
@@ -279,7 +283,8 @@ class GroundingPredictor(OpenVocabularyPredictor):
     def phrase_token_embeddings(self, prompts: Sequence[GroundingPrompt]) -> torch.Tensor:
         """``[P, T, D]``: at each phrase's tokens, the text tower's embedding of the phrase read
         alone (its end-of-text output: the one CLIP aligns with images); zero elsewhere. With
-        a frozen text tower the phrases' embeddings are cached."""
+        a frozen text tower the phrases' embeddings are cached (until new text-tower weights
+        arrive: :meth:`text_encoder_changed`)."""
         enc = self._encoder()
         texts = sorted({ph for p in prompts for ph in p.phrases})
         missing = [t for t in texts if t not in self._phrase_cache] if not self.train_text else texts
@@ -288,7 +293,7 @@ class GroundingPredictor(OpenVocabularyPredictor):
             ids = enc.encoder.tokenizer(missing)[:, :enc.context_length]
             eot = enc(ids)["eot"]
             fresh = dict(zip(missing, eot))
-            if not self.train_text:
+            if not self.train_text and not torch.is_inference_mode_enabled():  # (inference tensors stay out)
                 if len(self._phrase_cache) >= 50000:
                     self._phrase_cache.clear()
                 self._phrase_cache.update({t: e.detach() for t, e in fresh.items()})

@@ -281,3 +281,14 @@ def test_phrase_embeddings_are_each_phrase_read_alone(tiny_clip_config, mode):
         model_of(tiny_clip_config, extra=["MODEL.GROUNDING.ALIGN_INIT", "identity", "MODEL.GROUNDING.ALIGN_DIM", 32])
     with pytest.raises(ValueError, match="PHRASE_EMBEDDINGS"):
         model_of(tiny_clip_config, extra=["MODEL.GROUNDING.PHRASE_EMBEDDINGS", "sum"])
+
+
+def test_phrase_embeddings_follow_new_text_weights(tiny_clip_config):
+    model = model_of(tiny_clip_config, extra=["MODEL.GROUNDING.PHRASE_EMBEDDINGS", "replace"]).eval()
+    pred = model.roi_heads.box_predictor
+    prompt = pred.grounding_prompt({"caption": "a cat", "phrases": [[[0, 5]]]})
+    before = pred.phrase_token_embeddings([prompt]).clone()
+    sd = {k: v + 0.1 for k, v in model.state_dict().items() if k.startswith("lang_encoder.") and v.is_floating_point()}
+    model.load_state_dict(sd, strict=False)
+    after = pred.phrase_token_embeddings([prompt])
+    assert not torch.allclose(before, after)  # embedded again with the new weights, not served from the cache

@@ -309,7 +309,8 @@ def test_grounding_in_the_world_of_a_finished_run(tiny_run, tmp_path):
     captions, recall by phrase group and AP50 through the class prompt; --report-only."""
     out, _ = tiny_run
     g = tmp_path / "grounding"
-    cmd = [sys.executable, "tools/synthetic_grounding.py", "--run", str(out), "--output", str(g), "--iters", "2"]
+    cmd = [sys.executable, "tools/synthetic_grounding.py", "--run", str(out), "--output", str(g), "--iters", "2",
+           "--num-test", "6"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     world = json.loads((g / "world" / "world.json").read_text())
@@ -317,7 +318,7 @@ def test_grounding_in_the_world_of_a_finished_run(tiny_run, tmp_path):
     test = json.loads((g / "world" / "annotations" / "grounding_test.json").read_text())
     n_phrases = sum(len(im["tokens_positive_eval"]) for im in test["images"])
     res = json.loads((g / "results.json").read_text())
-    assert len(res["rows"]) == 4 and res["iters"] == 2
+    assert len(res["rows"]) == 4 and res["iters"] == 2 and res["num_test"] == 6 and len(test["images"]) == 12
     for row in res["rows"].values():
         assert row["groups"]["all"]["phrases"] == n_phrases  # every test phrase, once, for every detector
         assert row["groups"]["novel"]["phrases"] + row["groups"]["base"]["phrases"] == n_phrases
@@ -325,7 +326,8 @@ def test_grounding_in_the_world_of_a_finished_run(tiny_run, tmp_path):
                    for v in row["groups"].values())
         assert set(row["detection"]) == {"AP50-novel", "AP50-base", "AP50-all"}
     cfg = (g / "grounding" / "regionclip" / "config.yaml").read_text()
-    assert "GROUNDING:\n    ALIGN_DIM: 64" in cfg and "ENABLED: true" in cfg.split("GROUNDING:")[1][:200]
+    head = cfg.split("GROUNDING:")[1][:400]
+    assert "ENABLED: true" in head and "PHRASE_EMBEDDINGS: replace" in head and "ALIGN_INIT: identity" in head
     assert f"WEIGHTS: {out / 'pretrain' / 'model_final.pth'}" in cfg
     base_cfg = (g / "baseline" / "regionclip" / "config.yaml").read_text()
     assert str(out / "transfer" / "regionclip_fpn" / "model_final.pth") in base_cfg

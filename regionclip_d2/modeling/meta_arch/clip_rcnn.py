@@ -367,6 +367,8 @@ def _text_encoder_loaded(model, incompatible_keys):
     model.lang_encoder_loaded = True
     for train in (True, False):
         model._vocabulary(train).text_encoder_changed()
+    if hasattr(model.roi_heads.box_predictor, "text_encoder_changed"):  # the grounding head's phrase embeddings
+        model.roi_heads.box_predictor.text_encoder_changed()
 
 
 class _Parts(nn.Module):
