@@ -127,7 +127,8 @@ class GroundingPredictor(OpenVocabularyPredictor):
         ret = super().from_config(cfg, input_shape)
         g = cfg.MODEL.GROUNDING
         text_dim = g.TEXT_DIM or cfg.MODEL.CLIP.TEXT_EMB_DIM
-        ret.update(text_dim=text_dim, fusion_layers=g.FUSION_LAYERS, align_dim=g.ALIGN_DIM or text_dim, fusion_heads=g.FUSION_HEADS, prior_prob=g.PRIOR_PROB, reduce=g.REDUCE,
+        ret.update(text_dim=text_dim, fusion_layers=g.FUSION_LAYERS, align_dim=g.ALIGN_DIM or text_dim,
+                   fusion_heads=g.FUSION_HEADS, prior_prob=g.PRIOR_PROB, reduce=g.REDUCE,
                    focal_alpha=g.FOCAL_ALPHA, token_focal_gamma=g.FOCAL_GAMMA, train_text=g.TRAIN_TEXT,
                    phrase_embeddings=g.PHRASE_EMBEDDINGS, align_init=g.ALIGN_INIT)
         return ret

@@ -222,7 +222,8 @@ def test_detection_and_grounding_data_train_together(tmp_path):
     Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "g.png")
     (tmp_path / "g.json").write_text(json.dumps(
         {"images": [{"id": 1, "file_name": "g.png", "height": 50, "width": 50, "caption": "a star"}],
-         "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 20, 20], "tokens_positive": [[0, 6]]}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 20, 20],
+                          "tokens_positive": [[0, 6]]}],
          "categories": [{"id": 7, "name": "star"}]}))
     names = [register_coco_format("mix_det", str(det_json), str(det_root)),
              register_grounding_dataset("mix_grounding", str(tmp_path / "g.json"), str(tmp_path))]
@@ -292,3 +293,32 @@ def test_phrase_embeddings_follow_new_text_weights(tiny_clip_config):
     model.load_state_dict(sd, strict=False)
     after = pred.phrase_token_embeddings([prompt])
     assert not torch.allclose(before, after)  # embedded again with the new weights, not served from the cache
+
+
+def test_the_f_vit_detector_trains_and_grounds_with_the_head(tiny_vit_config):
+    """The grounding head on the CLIPSelf ViT's detector (F-ViT): captions train it and
+    each image is scored against its own phrases."""
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("configs/clipself/FViT_ViT-B-16_ovd.yaml", tiny_vit_config,
+                   extra=["MODEL.CLIP.TEXT_EMB_DIM", 24, "MODEL.GROUNDING.ENABLED", True, "MODEL.GROUNDING.ALIGN_DIM", 0,
+                          "MODEL.GROUNDING.FUSION_HEADS", 4, "MODEL.GROUNDING.PHRASE_EMBEDDINGS", "replace",
+                          "MODEL.GROUNDING.ALIGN_INIT", "identity", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+                          "MODEL.CLIP.CROP_REGION_TYPE", "GT"])
+    model = build_model(cfg).train()
+    x = image_input(96, 128, boxes=[[4, 4, 60, 50], [30, 20, 120, 90]])
+    x["instances"].gt_phrases = torch.tensor([0, 1])
+    x["grounding"] = {"caption": "a cat next to a big dog", "phrases": [[[0, 5]], [[14, 23]]], "ignore": []}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with EventStorage(0):
+        first = sum(model([x]).values()).item()
+        for _ in range(8):
+            loss = sum(model([x]).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert loss.item() < first
+    out = model.eval()([x])[0]["instances"]
+    assert len(out) > 0 and (out.pred_classes < 2).all()
