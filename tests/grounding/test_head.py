@@ -56,7 +56,7 @@ def test_class_scores_mean_and_max_over_each_span():
     assert torch.allclose(mx, torch.tensor([[p[1], p[3]]]))
     with pytest.raises(ValueError, match="non-empty span"):
         class_scores(logits, torch.zeros(1, 5))
-    with pytest.raises(ValueError, match="'mean' or 'max'"):
+    with pytest.raises(ValueError, match="'mean', 'max' or 'last'"):
         class_scores(logits, pm, "sum")
 
 
