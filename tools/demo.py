@@ -112,6 +112,21 @@ def output_names(files, output_dir):
     return stems
 
 
+def merge_same_box_labels(boxes, labels):
+    """Boxes that are the same box (one region scored for several classes or phrases: the box
+    regression is class-agnostic) -> one box whose label lists them all, best first (drawn
+    separately, the labels would be printed on top of each other). ``labels`` come in
+    descending score order; returns (boxes ``[K, 4]`` list, labels)."""
+    order, merged = [], {}
+    for b, lab in zip(boxes, labels):
+        key = tuple(round(float(v), 2) for v in b)
+        if key not in merged:
+            order.append(key)
+            merged[key] = []
+        merged[key].append(lab)
+    return [list(k) for k in order], [" | ".join(merged[k]) for k in order]
+
+
 def main(argv=None):
     args = parse_args(argv)
     files, bad = check_images(list_inputs(args.input))
@@ -120,6 +135,7 @@ def main(argv=None):
     if not files:
         raise SystemExit(f"demo: none of the {len(bad)} input(s) is a readable image; nothing to do")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
     import torch
 
     from detectron2.engine import DefaultPredictor
@@ -208,7 +224,8 @@ def main(argv=None):
         vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
         vis._default_font_size *= 2  # detectron2 sizes labels for photos; at 512 px they were hard to read
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
-        drawn = vis.overlay_instances(boxes=inst.pred_boxes.tensor.numpy(), labels=labels)
+        boxes, labels = merge_same_box_labels(inst.pred_boxes.tensor.tolist(), labels)
+        drawn = vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=labels)
         drawn.save(os.path.join(args.output, stem + ".jpg"))
         dets = [{"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "class_id": c, "class_name": names[c]}
                 for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist())]

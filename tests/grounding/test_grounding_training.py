@@ -302,8 +302,9 @@ def test_the_f_vit_detector_trains_and_grounds_with_the_head(tiny_vit_config):
 
     torch.manual_seed(0)
     cfg = tiny_cfg("configs/clipself/FViT_ViT-B-16_ovd.yaml", tiny_vit_config,
-                   extra=["MODEL.CLIP.TEXT_EMB_DIM", 24, "MODEL.GROUNDING.ENABLED", True, "MODEL.GROUNDING.ALIGN_DIM", 0,
-                          "MODEL.GROUNDING.FUSION_HEADS", 4, "MODEL.GROUNDING.PHRASE_EMBEDDINGS", "replace",
+                   extra=["MODEL.CLIP.TEXT_EMB_DIM", 24, "MODEL.GROUNDING.ENABLED", True,
+                          "MODEL.GROUNDING.ALIGN_DIM", 0, "MODEL.GROUNDING.FUSION_HEADS", 4,
+                          "MODEL.GROUNDING.PHRASE_EMBEDDINGS", "replace",
                           "MODEL.GROUNDING.ALIGN_INIT", "identity", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
                           "MODEL.CLIP.CROP_REGION_TYPE", "GT"])
     model = build_model(cfg).train()
