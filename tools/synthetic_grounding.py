@@ -209,7 +209,7 @@ def main(argv=None):
         iters, args.colour_prob, run.p["num_train"] = previous["iters"], previous["colour_prob"], previous["num_train"]
         run.p["num_test"] = previous.get("num_test", run.p["num_test"])
         args.opts = previous.get("opts", [])
-        pipe.timings, t0 = previous["timings_s"], time.time() - previous["total_s"]
+        pipe.timings = previous["timings_s"]
     else:
         run_stages(args, pipe, run, iters)
     arch = run.p["transfer_arch"]
@@ -224,7 +224,8 @@ def main(argv=None):
     results = {"seed": run.seed, "run": os.path.abspath(args.run), "colour_prob": args.colour_prob, "iters": iters,
                "opts": list(args.opts),
                "num_train": run.p["num_train"], "num_test": run.p["num_test"], "names": pipe.names()[2], "rows": rows,
-               "timings_s": pipe.timings, "total_s": time.time() - t0}
+               "timings_s": pipe.timings,
+               "total_s": previous["total_s"] if args.report_only else time.time() - t0}
     command = "python tools/synthetic_grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = previous.get("command", command.replace(" --report-only", "")).strip() \
         if args.report_only else command.strip()
