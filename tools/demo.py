@@ -112,21 +112,6 @@ def output_names(files, output_dir):
     return stems
 
 
-def merge_same_box_labels(boxes, labels):
-    """Boxes that are the same box (one region scored for several classes or phrases: the box
-    regression is class-agnostic) -> one box whose label lists them all, best first (drawn
-    separately, the labels would be printed on top of each other). ``labels`` come in
-    descending score order; returns (boxes ``[K, 4]`` list, labels)."""
-    order, merged = [], {}
-    for b, lab in zip(boxes, labels):
-        key = tuple(round(float(v), 2) for v in b)
-        if key not in merged:
-            order.append(key)
-            merged[key] = []
-        merged[key].append(lab)
-    return [list(k) for k in order], [" | ".join(merged[k]) for k in order]
-
-
 def main(argv=None):
     args = parse_args(argv)
     files, bad = check_images(list_inputs(args.input))
@@ -143,6 +128,7 @@ def main(argv=None):
     from detectron2.utils.visualizer import Visualizer
 
     from regionclip_d2 import get_regionclip_cfg
+    from regionclip_d2.api.results import merge_same_box_labels
     from regionclip_d2.data.images import read_image
 
     setup_logger(name="regionclip_d2")
@@ -224,7 +210,7 @@ def main(argv=None):
         vis = Visualizer(image[:, :, ::-1], metadata=None, scale=scale)
         vis._default_font_size *= 2  # detectron2 sizes labels for photos; at 512 px they were hard to read
         labels = [f"{names[c]} {s:.2f}" for c, s in zip(inst.pred_classes.tolist(), inst.scores.tolist())]
-        boxes, labels = merge_same_box_labels(inst.pred_boxes.tensor.tolist(), labels)
+        boxes, labels, _ = merge_same_box_labels(inst.pred_boxes.tensor.numpy(), labels)
         drawn = vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=labels)
         drawn.save(os.path.join(args.output, stem + ".jpg"))
         dets = [{"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "class_id": c, "class_name": names[c]}

@@ -239,11 +239,14 @@ def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], c
                     exemplar: Optional[Tuple[str, Sequence[float]]] = None) -> bytes:
     """A JPEG of the image with labelled boxes (detectron2's ``Visualizer``, as ``tools/demo.py``
     draws), at most :data:`DISPLAY_MAX_SIDE` pixels on its long side (small images are drawn
-    larger so that labels stay legible); the exemplar box, if any, dashed white."""
+    larger so that labels stay legible); the exemplar box, if any, dashed white. Detections
+    that share one box get one label listing them (``merge_same_box_labels``)."""
     from PIL import Image
 
     from detectron2.utils.colormap import colormap
     from detectron2.utils.visualizer import Visualizer
+
+    from ..api.results import merge_same_box_labels
 
     h, w = rgb.shape[:2]
     long_side = max(h, w)
@@ -266,7 +269,8 @@ def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], c
                             horizontal_alignment="left")
     if len(boxes):
         palette = colormap(rgb=True, maximum=1)
-        out = vis.overlay_instances(boxes=boxes, labels=list(labels),
+        boxes, labels, colour_ids = merge_same_box_labels(boxes, list(labels), list(colour_ids))
+        out = vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels,
                                     assigned_colors=[palette[int(c) % len(palette)] for c in colour_ids])
     buf = io.BytesIO()
     Image.fromarray(out.get_image()).save(buf, format="JPEG", quality=88)

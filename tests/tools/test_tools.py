@@ -155,12 +155,12 @@ def test_demo_reads_unusual_pixel_modes_and_applies_exif(tiny_clip_config, tmp_p
 
 def test_demo_merges_the_labels_of_one_box():
     """Two phrases scoring the same region are one box with both labels, best first, not two
-    labels printed over each other."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from demo import merge_same_box_labels
+    labels printed over each other (tools/demo.py and the web app draw through this)."""
+    from regionclip_d2.api.results import merge_same_box_labels
 
     boxes = [[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 9.0, 9.0], [1.0, 2.0, 30.0, 40.000001]]
-    out_boxes, out_labels = merge_same_box_labels(boxes, ["white moon 0.59", "star 0.55", "orange moon 0.58"])
+    out_boxes, out_labels, ids = merge_same_box_labels(boxes, ["white moon 0.59", "star 0.55", "orange moon 0.58"],
+                                                       [3, 1, 4])
     assert out_boxes == [[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 9.0, 9.0]]
-    assert out_labels == ["white moon 0.59 | orange moon 0.58", "star 0.55"]
-    assert merge_same_box_labels([], []) == ([], [])
+    assert out_labels == ["white moon 0.59 | orange moon 0.58", "star 0.55"] and ids == [3, 1]
+    assert merge_same_box_labels(np.zeros((0, 4)), []) == ([], [], [])
