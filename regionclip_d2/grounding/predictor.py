@@ -189,7 +189,9 @@ class GroundingPredictor(OpenVocabularyPredictor):
         """Each image's ``grounding`` (``{"caption", "phrases", "ignore"}``, from
         :class:`~regionclip_d2.grounding.mapper.GroundingDatasetMapper`; ``None`` for an image
         of detection data) for the next forward; ``None`` or all ``None``: the class prompt
-        (or the caption of :meth:`set_caption`) for every image."""
+        (or the caption of :meth:`set_caption`) for every image. This is state of the model,
+        set per call by the detector: threads sharing one model must not run calls with
+        grounding inputs at the same time (captions through :meth:`set_caption` likewise)."""
         if groundings is None or all(g is None for g in groundings):
             self._batch = None
             return
