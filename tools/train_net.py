@@ -29,6 +29,19 @@ from regionclip_d2.engine import RegionCLIPTrainer, launch  # noqa: E402
 logger = logging.getLogger("regionclip_d2.train_net")
 
 
+def parse_register_specs(specs, option: str, form: str):
+    """``NAME=FILE:IMAGE_ROOT`` specs of ``option`` -> ``(name, file, image_root)`` tuples; a
+    malformed one stops with the expected ``form``."""
+    out = []
+    for spec in specs or []:
+        name, sep, rest = spec.partition("=")
+        path, sep2, image_root = rest.rpartition(":")
+        if not sep or not sep2 or not name or not path:
+            raise SystemExit(f"{option} {spec!r}: expected {form}")
+        out.append((name, path, image_root))
+    return out
+
+
 def register_datasets(specs, category_splits=()):
     """``NAME=ANNOTATIONS.json:IMAGE_ROOT`` -> a registered COCO-format data set;
     ``category_splits``: ``NAME=SPLIT`` keeps only the categories marked with that split."""
@@ -40,11 +53,7 @@ def register_datasets(specs, category_splits=()):
         if not sep or not name or not split:
             raise SystemExit(f"--categories {spec!r}: expected NAME=SPLIT (e.g. world_train=base)")
         splits[name] = split
-    for spec in specs or []:
-        name, sep, rest = spec.partition("=")
-        json_file, sep2, image_root = rest.rpartition(":")
-        if not sep or not sep2 or not name or not json_file:
-            raise SystemExit(f"--register {spec!r}: expected NAME=ANNOTATIONS.json:IMAGE_ROOT")
+    for name, json_file, image_root in parse_register_specs(specs, "--register", "NAME=ANNOTATIONS.json:IMAGE_ROOT"):
         register_coco_format(name, json_file, image_root, category_split=splits.get(name))
 
 
@@ -52,11 +61,7 @@ def register_caption_datasets(specs):
     """``NAME=CAPTIONS_FILE:IMAGE_ROOT`` -> a registered image-caption data set."""
     from regionclip_d2.data.captions import register_caption_dataset
 
-    for spec in specs or []:
-        name, sep, rest = spec.partition("=")
-        path, sep2, image_root = rest.rpartition(":")
-        if not sep or not sep2 or not name or not path:
-            raise SystemExit(f"--register-captions {spec!r}: expected NAME=CAPTIONS_FILE:IMAGE_ROOT")
+    for name, path, image_root in parse_register_specs(specs, "--register-captions", "NAME=CAPTIONS_FILE:IMAGE_ROOT"):
         register_caption_dataset(name, path, image_root)
 
 
@@ -64,11 +69,7 @@ def register_grounding_datasets(specs):
     """``NAME=GROUNDING.json:IMAGE_ROOT`` -> a registered grounding data set (MDETR format)."""
     from regionclip_d2.grounding.data import register_grounding_dataset
 
-    for spec in specs or []:
-        name, sep, rest = spec.partition("=")
-        path, sep2, image_root = rest.rpartition(":")
-        if not sep or not sep2 or not name or not path:
-            raise SystemExit(f"--register-grounding {spec!r}: expected NAME=GROUNDING.json:IMAGE_ROOT")
+    for name, path, image_root in parse_register_specs(specs, "--register-grounding", "NAME=GROUNDING.json:IMAGE_ROOT"):
         register_grounding_dataset(name, path, image_root)
 
 
