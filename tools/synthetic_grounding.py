@@ -105,7 +105,7 @@ def register_args(pipe):
             "--register", f"gw_test_boxes={w}/annotations/instances_test.json:{w}/test"]
 
 
-def eval_opts(pipe):
+def eval_opts():
     # recall@10 needs up to 10 boxes per phrase: keep every candidate the post-processing keeps. Scores
     # without the RPN's objectness (measured on seed 0: fusing it lowers R@1 of both kinds of detector,
     # the classifier's 89.0 -> 86.5, the grounding head's 73.3 -> 67.5)
@@ -122,7 +122,7 @@ def start_grounding(pipe, run, tag: str, weights: str, iters: int, threads: int,
                               "SOLVER.IMS_PER_BATCH", p["transfer_batch"], "SOLVER.BASE_LR", p["transfer_lr"],
                               "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", min(30, iters // 4)]
                            + pipe.size_args() + pipe.class_args(test_vocab=False)[:2] + pipe.model_args()
-                           + eval_opts(pipe) + list(opts), "grounding", log_name=f"grounding_{tag}", threads=threads)
+                           + eval_opts() + list(opts), "grounding", log_name=f"grounding_{tag}", threads=threads)
 
 
 def start_baseline(pipe, run, tag: str, weights: str, threads: int):
@@ -133,7 +133,7 @@ def start_baseline(pipe, run, tag: str, weights: str, threads: int):
     return pipe.start_tool("train_net.py", ["--eval-only", "--config-file", TRANSFER_CONFIGS[arch]]
                            + register_args(pipe) + ["OUTPUT_DIR", out] + run.detector_opts(weights, arch)
                            + ["MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(run.out, "classes", "all.pth")]
-                           + eval_opts(pipe), "baseline", log_name=f"baseline_{tag}", threads=threads)
+                           + eval_opts(), "baseline", log_name=f"baseline_{tag}", threads=threads)
 
 
 def read_result(folder: str, colours, world_dir: str) -> dict:
