@@ -103,12 +103,16 @@ def child_zero_shot(args):
     import resource
 
     import torch
+    from official_compute import _Clock, compare_detections, count_flops, official_inference
 
     torch.set_num_threads(args.threads)
     mode, vocab, regions = args.mode, args.vocab, args.regions
     h, w = args.size
     model = _build_detector(mode, vocab, regions, args.opts)
     inputs = _inputs(h, w, mode, regions)
+    if getattr(args, "official_peak", False):  # this process runs the official-compute baseline alone
+        official_inference(model, inputs)
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     timer = StageTimer()
     if model.offline_backbone is not None:
         model.offline_backbone.forward = timer.wrap("rpn_branch", model.offline_backbone.forward)
@@ -135,26 +139,39 @@ def child_zero_shot(args):
             orig_bb(model.backbone, images.tensor)
             type(res).encode_pooled_regions(res, pooled)
 
-    for _ in range(args.warmup):
+    for _ in range(max(1, args.warmup)):
         out = model(inputs)
     # peak memory of the end-to-end forward alone (the limit's unchunked res5 comes later)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
-    for _ in range(args.warmup):
+    for _ in range(max(1, args.warmup)):
         limit_once()
-    # end-to-end and limit runs alternate, so that machine noise hits both alike
-    times, stages, limit = [], [], []
+        official_out = official_inference(model, inputs)
+    equal = compare_detections(official_out, out)
+    # end-to-end, official-compute and limit runs alternate, so that machine noise hits all alike
+    times, stages, limit, official, official_stages = [], [], [], [], []
     for _ in range(args.repeats):
         timer.reset()
         t0 = time.perf_counter()
         out = model(inputs)
         times.append(time.perf_counter() - t0)
         stages.append(dict(timer.t))
+        clock = _Clock()
+        t0 = time.perf_counter()
+        official_inference(model, inputs, clock)
+        official.append(time.perf_counter() - t0)
+        official_stages.append(clock.t)
         t0 = time.perf_counter()
         limit_once()
         limit.append(time.perf_counter() - t0)
     n_dets = len(out[0]["instances"])
-    return {"times": times, "stages": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]},
-            "limit_times": limit, "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak}
+
+    def medians(rows):
+        return {k: statistics.median(s.get(k, 0.0) for s in rows) for k in rows[0]}
+
+    return {"times": times, "stages": medians(stages), "limit_times": limit, "official_times": official,
+            "official_stages": medians(official_stages), "equal": equal,
+            "gflop": count_flops(model, inputs, n_regions),
+            "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak}
 
 
 def child_stock(args):
@@ -263,7 +280,13 @@ def child_vocab(args):
     return res
 
 
-CHILDREN = {"zs": child_zero_shot, "stock": child_stock, "train": child_train, "vocab": child_vocab}
+def child_peak(args):
+    from official_compute import machine_peak
+
+    return machine_peak(args.threads)
+
+
+CHILDREN = {"peak": child_peak, "zs": child_zero_shot, "stock": child_stock, "train": child_train, "vocab": child_vocab}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -279,6 +302,11 @@ def run_child(kind, params, timeout):
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {r.returncode}: " + " | ".join(tail)}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine_peak_child(base, timeout):
+    print("this CPU's fp32 peak (a res4-like 3x3 convolution, a 2048^3 matrix product) ...", flush=True)
+    return run_child("peak", base, timeout)
 
 
 def summarize(times):
@@ -316,6 +344,10 @@ def main(argv=None):
     ap.add_argument("--regions", nargs="+", type=int, default=None, help="default: 100 300 1000")
     ap.add_argument("--vocabs", nargs="+", type=int, default=None, help="default: 65 1203")
     ap.add_argument("--modes", nargs="+", choices=["GT", "RPN"], default=None)
+    ap.add_argument("--preset", choices=["official"], default=None,
+                    help="official: the five settings measured with the official code (GT 3 boxes and RPN "
+                         "100/300/1000 regions at 800x1200, RPN 1000 at 800x800; 65 classes), ratios against "
+                         "the official-compute baseline, and this CPU's peak fp32 rate")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -354,24 +386,33 @@ def main(argv=None):
             f.write(render(results))
 
     if "zs" in groups:
-        for size in sizes:
-            for mode in modes:
-                for vocab in vocabs:
-                    for n in regions:
-                        params = dict(base, mode=mode, vocab=vocab, regions=n, size=size)
-                        print(f"zero-shot {mode} {size[0]}x{size[1]} vocab {vocab} regions {n} ...", flush=True)
-                        r = run_child("zs", params, args.timeout)
-                        row = {"mode": mode, "size": f"{size[0]}x{size[1]}", "vocab": vocab, "regions": n}
-                        if "error" in r:
-                            row["error"] = r["error"]
-                        else:
-                            e2e, lim = summarize(r["times"]), summarize(r["limit_times"])
-                            row.update(e2e=e2e, limit=lim, ratio=e2e["median_s"] / lim["median_s"], stages=r["stages"],
-                                       actual_regions=r["regions"], peak_rss_mib=r["peak_rss_mib"])
-                        results["zero_shot"].append(row)
-                        print("   ", row.get("error") or f"{row['e2e']['median_s']:.3f} s, limit "
-                              f"{row['limit']['median_s']:.3f} s, ratio {row['ratio']:.2f}", flush=True)
-                        save()
+        if args.preset == "official":  # the settings of the official code's measured table
+            settings = [("GT", (800, 1200), 65, 3)] + [("RPN", (800, 1200), 65, n) for n in (100, 300, 1000)] \
+                + [("RPN", (800, 800), 65, 1000)]
+            results["peak"] = machine_peak_child(base, args.timeout)
+        else:
+            settings = [(mode, size, vocab, n) for size in sizes for mode in modes for vocab in vocabs for n in regions]
+        for mode, size, vocab, n in settings:
+            params = dict(base, mode=mode, vocab=vocab, regions=n, size=size, official_peak=False)
+            print(f"zero-shot {mode} {size[0]}x{size[1]} vocab {vocab} regions {n} ...", flush=True)
+            r = run_child("zs", params, args.timeout)
+            row = {"mode": mode, "size": f"{size[0]}x{size[1]}", "vocab": vocab, "regions": n}
+            if "error" in r:
+                row["error"] = r["error"]
+            else:
+                e2e, lim, off = summarize(r["times"]), summarize(r["limit_times"]), summarize(r["official_times"])
+                row.update(e2e=e2e, limit=lim, ratio=e2e["median_s"] / lim["median_s"], stages=r["stages"],
+                           official=off, speedup=off["median_s"] / e2e["median_s"],
+                           official_stages=r["official_stages"], equal=r["equal"], gflop=r["gflop"],
+                           actual_regions=r["regions"], peak_rss_mib=r["peak_rss_mib"])
+                peak = run_child("zs", dict(params, official_peak=True, warmup=0, repeats=0), args.timeout)
+                row["official_peak_rss_mib"] = peak.get("peak_rss_mib")
+            results["zero_shot"].append(row)
+            print("   ", row.get("error") or f"{row['e2e']['median_s']:.3f} s, official compute "
+                  f"{row['official']['median_s']:.3f} s (speed-up {row['speedup']:.2f}x, "
+                  f"{100 * row['equal']['share']:.1f}% of its detections equal), limit "
+                  f"{row['limit']['median_s']:.3f} s, ratio {row['ratio']:.2f}", flush=True)
+            save()
     if "stock" in groups:
         for size in sizes:
             for n in regions:
@@ -408,6 +449,53 @@ def main(argv=None):
     return 0
 
 
+def official_tables(rows, peak):
+    """Speed-ups against the official-compute baseline (bench/official_compute.py), per stage,
+    and the backbones' achieved rate against this CPU's measured fp32 peak."""
+    out = ["\n## Against the official compute (bench/official_compute.py; same weights and inputs, runs alternating)\n",
+           "| mode | size | regions | official s | ours s | speed-up | detections equal | RPN branch | res4 | RoIAlign "
+           "| res5 + attention pool | classifier + post | peak RSS MiB official / ours |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(o, u):
+        return f"{fmt(o)} / {fmt(u)}" if o or u else "—"
+
+    def head(stages):  # classifier and post-processing (split differently in the two)
+        return stages.get("classifier", 0) + stages.get("postprocess", 0)
+
+    for r in rows:
+        o, u, eq = r["official_stages"], r["stages"], r["equal"]
+        out.append(
+            f"| {r['mode']} | {r['size']} | {r['actual_regions']} | {fmt(r['official']['median_s'])} | "
+            f"{fmt(r['e2e']['median_s'])} | {fmt(r['speedup'])}x | {eq['matched']}/{eq['detections']} "
+            f"(scores within {eq['max_score_diff']:.0e}) | {pair(o.get('rpn_branch'), u.get('rpn_branch'))} | "
+            f"{pair(o.get('backbone_res4'), u.get('backbone_res4'))} | {pair(o.get('roialign'), u.get('roialign'))} | "
+            f"{pair(o.get('res5', 0) + o.get('attnpool', 0), u.get('res5_attnpool'))} | "
+            f"{pair(head(o), head(u))}"
+            f" | {fmt(r.get('official_peak_rss_mib'), 0)} / {fmt(r['peak_rss_mib'], 0)} |")
+    out.append("\n(stage columns: official / ours, seconds, medians)")
+    if peak and "error" not in peak:
+        out += [f"\nThis CPU's fp32 rate: {peak['conv_gflops']:.0f} GFLOP/s on a res4-like 3x3 convolution, "
+                f"{peak['matmul_gflops']:.0f} GFLOP/s on a 2048^3 matrix product.\n",
+                "| mode | size | regions | stage | GFLOP | official GFLOP/s | ours GFLOP/s "
+                "| ours, % of the convolution peak |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            g, o, u = r["gflop"], r["official_stages"], r["stages"]
+            stages = [("RPN branch (R50-FPN)", g.get("rpn_branch"), o.get("rpn_branch"), u.get("rpn_branch")),
+                      ("CLIP to res4", g["backbone_res4"], o.get("backbone_res4"), u.get("backbone_res4")),
+                      ("res5 + attention pool", g["res5"] + g["attnpool"], o.get("res5", 0) + o.get("attnpool", 0),
+                       u.get("res5_attnpool"))]
+            for name, flop, to, tu in stages:
+                if not flop or not to or not tu:
+                    continue
+                out.append(f"| {r['mode']} | {r['size']} | {r['actual_regions']} | {name} | {flop:.1f} | "
+                           f"{flop / to:.0f} | {flop / tu:.0f} | {100 * flop / tu / peak['conv_gflops']:.0f}% |")
+        out.append("\n(res5 + attention pool counted in the official form, all 50 queries; the detector computes "
+                   "fewer operations for the same output, so its rate there can exceed what it executes)")
+    return out
+
+
 def render(res):
     m = res["machine"]
     out = [f"Machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads\n"]
@@ -431,6 +519,9 @@ def render(res):
                        f"{fmt(s.get('rpn_branch'))} | "
                        f"{fmt(s.get('backbone_res4'))} | {fmt(s.get('roialign'))} | {fmt(s.get('res5_attnpool'))} | "
                        f"{fmt(s.get('classifier'), 3)} | {fmt(s.get('postprocess'), 3)} | {r['peak_rss_mib']:.0f} |")
+    official = [r for r in res["zero_shot"] if "official" in r]
+    if official:
+        out += official_tables(official, res.get("peak"))
     if res["stock"]:
         out += ["\n## Stock detectron2 Faster R-CNN R50-C4 (reference)\n",
                 "| size | proposals asked | proposals | s (min-max) | peak RSS MiB |", "|---|---|---|---|---|"]

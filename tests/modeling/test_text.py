@@ -51,9 +51,10 @@ def test_embed_class_names_is_the_normalised_template_mean(encoder):
     torch.testing.assert_close(emb[1], torch.nn.functional.normalize(f, dim=0), atol=1e-5, rtol=1e-5)
 
 
-def test_prompts_are_embedded_in_token_length_order_with_the_same_result(encoder, tmp_path):
-    """Batches hold prompts of similar length (each batch is computed up to its longest prompt),
-    the embeddings equal a name-by-name computation, and a progress file written in another
+def test_prompts_are_embedded_by_template_and_name_length_with_the_same_result(encoder, tmp_path):
+    """Batches hold the prompts of few templates (whose shared beginning is computed once) and
+    names of similar length (each batch is computed up to its longest prompt); the embeddings
+    equal a name-by-name computation of whole prompts, and a progress file written in another
     order (an older version's) is not resumed."""
     from regionclip_d2.modeling.text import embedding as E
 
@@ -61,10 +62,9 @@ def test_prompts_are_embedded_in_token_length_order_with_the_same_result(encoder
     tmpl = get_templates("imagenet80")
     order = E._length_order(names, tmpl, encoder)
     assert sorted(order.tolist()) == list(range(len(names) * len(tmpl)))
-    lengths = [len(encoder.tokenizer.encode(t.format(n.replace("_", " ")))) for n in names for t in tmpl]
-    ordered = [lengths[j] for j in order.tolist()]
-    assert max(ordered[:64]) < max(ordered[-64:])  # short prompts first, long ones last
-    assert sum(a <= b for a, b in zip(ordered, ordered[1:])) >= 0.9 * (len(ordered) - 1)  # close to sorted
+    name_len = [len(encoder.tokenizer.encode(n.replace("_", " "))) for n in names]
+    keys = [(j % len(tmpl), name_len[j // len(tmpl)]) for j in order.tolist()]
+    assert keys == sorted(keys)  # by template, then by the name's token count
     got = embed_class_names(names, encoder, templates="imagenet80", use_cache=False, batch_size=64)
     for i, n in enumerate(names):
         with torch.no_grad():
@@ -80,14 +80,14 @@ def test_prompts_are_embedded_in_token_length_order_with_the_same_result(encoder
 
 
 def test_embedding_cache_hits_and_keys(encoder, tmp_path, monkeypatch):
-    calls = []
-    orig = LanguageEncoder.forward
+    calls = []  # every computed prompt batch is tokenized first (whole or after its template's prefix)
+    orig = LanguageEncoder.tokenize
 
-    def counting(self, tokens, all_tokens=False):
-        calls.append(tokens.shape[0])
-        return orig(self, tokens, all_tokens)
+    def counting(self, texts):
+        calls.append(len(texts))
+        return orig(self, texts)
 
-    monkeypatch.setattr(LanguageEncoder, "forward", counting)
+    monkeypatch.setattr(LanguageEncoder, "tokenize", counting)
     a = embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
     n = len(calls)
     b = embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
@@ -101,6 +101,46 @@ def test_embedding_cache_hits_and_keys(encoder, tmp_path, monkeypatch):
     embed_class_names(["cat", "dog"], encoder, templates="single", cache_dir=str(tmp_path))
     assert len(calls) > n
     assert len(list((tmp_path / "text_embeddings").glob("*.pth"))) == 3
+
+
+def test_texts_encoded_after_a_shared_prefix_equal_whole_texts(encoder):
+    """encode_after_prefix: the prefix's states computed once give each text's end-of-text
+    embedding as the whole text does; a prompt whose tokens do not begin with its template's
+    prefix (the name joined to the template's last word) is encoded whole, with the same result."""
+    from regionclip_d2.modeling.text import embedding as E
+
+    assert encoder.can_share_prefix()
+    texts = ["a photo of a cat.", "a photo of a traffic light in the rain", "a photo of a x"]
+    tokens = encoder.tokenize(texts)
+    prefix = encoder.tokenize(["a photo of a"])[0]
+    p = int(prefix.argmax())
+    with torch.no_grad():
+        want = encoder(tokens)
+    got = encoder.encode_after_prefix(prefix[:p], tokens[:, p:])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    templates = ["a photo of a {}.", "x{}y", "{} in the wild"]
+    prefixes = E._template_prefixes(templates, encoder)
+    assert prefixes[2] is not None and len(prefixes[2]) == 1  # the start-of-text token alone
+    names = ["cat", "ray", "dog"]
+    prompts = [t.format(n) for n in names for t in templates]
+    whole = []
+    orig = type(encoder).forward
+
+    def spy(self, tok, all_tokens=False):
+        whole.append(tok.shape[0])
+        return orig(self, tok, all_tokens)
+
+    idx = torch.arange(len(prompts))
+    type(encoder).forward = spy
+    try:
+        got = E._encode_prompts(encoder, idx, prompts, prefixes)
+    finally:
+        type(encoder).forward = orig
+    with torch.no_grad():
+        want = encoder(encoder.tokenize(prompts))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x_prefix_ok = (encoder.tokenize(["xcat"])[0][:len(prefixes[1])] == prefixes[1]).all()
+    assert sum(whole) == (0 if x_prefix_ok else 3)  # only the glued template's prompts went whole
 
 
 def test_class_name_longer_than_context_is_truncated(encoder, caplog):
@@ -144,23 +184,21 @@ def test_large_vocabulary_streams_resumes_and_survives_an_unwritable_cache(encod
     want = embed_class_names(names, encoder, templates="imagenet80", use_cache=False, batch_size=64)
     # interrupted after 10 batches, with progress saved every 128 prompts
     calls = []
-    orig = LanguageEncoder.forward
+    orig = E._encode_prompts
 
-    def flaky(self, tokens, all_tokens=False):
-        calls.append(tokens.shape[0])
+    def flaky(enc, idx, *args):
+        calls.append(len(idx))
         if len(calls) == 10:
             raise _Interrupt()
-        return orig(self, tokens, all_tokens)
+        return orig(enc, idx, *args)
 
-    monkeypatch.setattr(LanguageEncoder, "forward", flaky)
+    monkeypatch.setattr(E, "_encode_prompts", flaky)
     with pytest.raises(_Interrupt):
         embed_class_names(names, encoder, cache_dir=str(tmp_path), batch_size=64, checkpoint_every=128)
     partial = list((tmp_path / "text_embeddings").glob("*.partial"))
     assert len(partial) == 1
-    monkeypatch.setattr(LanguageEncoder, "forward", orig)
     calls.clear()
-    monkeypatch.setattr(LanguageEncoder, "forward", lambda self, t, all_tokens=False: (calls.append(t.shape[0]),
-                                                                                      orig(self, t, all_tokens))[1])
+    monkeypatch.setattr(E, "_encode_prompts", lambda enc, idx, *a: (calls.append(len(idx)), orig(enc, idx, *a))[1])
     got = embed_class_names(names, encoder, cache_dir=str(tmp_path), batch_size=64, checkpoint_every=128)
     assert sum(calls) == 40 * 80 - 512  # resumed after the 512 prompts saved before the interruption
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -103,13 +103,13 @@ def embed_class_names(
     # up to its longest prompt's end-of-text token (1.5x fewer operations on LVIS names x 80
     # templates than in name order); the order is deterministic, so progress files resume
     order = _length_order(names, tmpl, encoder)
+    prefixes = _template_prefixes(tmpl, encoder)
     sums, start = _resume(path, len(prompts)) if path is not None else (None, 0)
     every = max(batch_size, checkpoint_every)
     bar = tqdm(total=len(prompts), initial=start, desc="embedding prompts", unit="prompt", disable=not progress)
     for i in range(start, len(prompts), batch_size):
         idx = order[i:i + batch_size]
-        f = torch.nn.functional.normalize(encoder(encoder.tokenize([prompts[j] for j in idx.tolist()])).float(),
-                                          dim=-1)
+        f = torch.nn.functional.normalize(_encode_prompts(encoder, idx, prompts, prefixes).float(), dim=-1)
         if sums is None:
             sums = torch.zeros(len(names), f.shape[1])
         sums.index_add_(0, idx // len(tmpl), f.cpu())
@@ -129,21 +129,65 @@ def embed_class_names(
     return emb
 
 
-PROMPT_ORDER = "token-length"  # recorded in progress files: one written in another order is not resumed
+PROMPT_ORDER = "template, token-length"  # recorded in progress files: one in another order is not resumed
 
 
 def _length_order(names, templates, encoder) -> torch.Tensor:
-    """Prompt indices (``name * len(templates) + template``) sorted by an estimate of their token
-    count (the name's plus the template's), ties in index order."""
+    """Prompt indices (``name * len(templates) + template``) by template, then by the name's token
+    count (ties in index order): a batch holds few templates, whose shared beginning is computed
+    once (:func:`_encode_prompts`), and names of similar length, so each batch stops at a nearby
+    end-of-text token."""
     encode = getattr(encoder.tokenizer, "encode", None)
-    if encode is None:  # a tokenizer without encode: character counts
-        name_len = [len(prompt_name(n)) for n in names]
-        tmpl_len = [len(t) for t in templates]
-    else:
-        name_len = [len(encode(prompt_name(n))) for n in names]
-        tmpl_len = [len(encode(t.replace("{}", ""))) for t in templates]
-    lengths = torch.tensor([a + b for a in name_len for b in tmpl_len])
-    return torch.sort(lengths, stable=True).indices
+    name_len = [len(encode(prompt_name(n))) if encode is not None else len(prompt_name(n)) for n in names]
+    t = len(templates)
+    key = torch.tensor([j * (max(name_len) + 1) + name_len[i] for i in range(len(names)) for j in range(t)])
+    return torch.sort(key, stable=True).indices
+
+
+def _template_prefixes(templates, encoder) -> List[Optional[torch.Tensor]]:
+    """Per template, the token ids of its text before ``{}`` (start-of-text included), which every
+    prompt of that template begins with; None where the encoder cannot share a prefix."""
+    if not getattr(encoder, "can_share_prefix", lambda: False)():
+        return [None] * len(templates)
+    out = []
+    for t in templates:
+        ids = encoder.tokenize([t.split("{}")[0]])[0]
+        end = int(ids.argmax())  # the end-of-text token closes the prefix's own tokenization
+        out.append(ids[:end] if end > 0 else None)
+    return out
+
+
+def _encode_prompts(encoder, idx: torch.Tensor, prompts: List[str], prefixes) -> torch.Tensor:
+    """Embeddings ``[len(idx), D]`` of ``prompts[idx]`` (prompt ``k`` uses template ``k % T``):
+    for each template in the batch, the prompts that begin with its prefix's tokens are encoded
+    after the prefix (:meth:`LanguageEncoder.encode_after_prefix`, the same embeddings up to
+    float rounding); any other prompt (e.g. where the name joins the template's last word into
+    one token) is encoded whole."""
+    tokens = encoder.tokenize([prompts[j] for j in idx.tolist()])
+    if all(p is None for p in prefixes):
+        return encoder(tokens)
+    out = [None] * len(idx)
+    whole = []
+    templ = (idx % len(prefixes)).tolist()
+    for t in sorted(set(templ)):
+        rows = torch.tensor([r for r, x in enumerate(templ) if x == t], dtype=torch.long)
+        pre = prefixes[t]
+        if pre is None:
+            whole += rows.tolist()
+            continue
+        p = pre.shape[0]
+        # the prefix holds no end-of-text token, so a prompt that begins with it has its own after it
+        ok = (tokens[rows, :p] == pre.to(tokens.device)).all(dim=1) if p < tokens.shape[1] \
+            else torch.zeros(len(rows), dtype=torch.bool)
+        whole += rows[~ok].tolist()
+        shared = rows[ok]
+        if len(shared):
+            for r, e in zip(shared.tolist(), encoder.encode_after_prefix(pre, tokens[shared, p:])):
+                out[r] = e
+    if whole:
+        for r, e in zip(whole, encoder(tokens[whole])):
+            out[r] = e
+    return torch.stack(out)
 
 
 def _resume(path: str, n_prompts: int):
