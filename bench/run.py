@@ -354,6 +354,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per setting")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--opts", nargs="*", default=[], help="config overrides for every detector setting")
+    ap.add_argument("--render", action="store_true",
+                    help="only write results.md again from the results.json in --out (no measurement)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -361,6 +363,16 @@ def main(argv=None):
         p = argparse.Namespace(**json.loads(args.params))
         p.size = tuple(p.size) if hasattr(p, "size") else None
         print("RESULT " + json.dumps(CHILDREN[args.child](p)), flush=True)
+        return 0
+    if args.render:
+        path = os.path.join(args.out, "results.json")
+        if not os.path.isfile(path):
+            ap.error(f"--render: {path} not found: run a measurement first")
+        with open(path) as f:
+            text = render(json.load(f))
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(text)
+        print(text)
         return 0
     sizes = args.sizes or (["480x640"] if args.quick else ["800x1333", "480x640"])
     try:
@@ -477,22 +489,25 @@ def official_tables(rows, peak):
     if peak and "error" not in peak:
         out += [f"\nThis CPU's fp32 rate: {peak['conv_gflops']:.0f} GFLOP/s on a res4-like 3x3 convolution, "
                 f"{peak['matmul_gflops']:.0f} GFLOP/s on a 2048^3 matrix product.\n",
-                "| mode | size | regions | stage | GFLOP | official GFLOP/s | ours GFLOP/s "
+                "| mode | size | regions | stage | GFLOP official / ours | official GFLOP/s | ours GFLOP/s "
                 "| ours, % of the convolution peak |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             g, o, u = r["gflop"], r["official_stages"], r["stages"]
-            stages = [("RPN branch (R50-FPN)", g.get("rpn_branch"), o.get("rpn_branch"), u.get("rpn_branch")),
-                      ("CLIP to res4", g["backbone_res4"], o.get("backbone_res4"), u.get("backbone_res4")),
-                      ("res5 + attention pool", g["res5"] + g["attnpool"], o.get("res5", 0) + o.get("attnpool", 0),
-                       u.get("res5_attnpool"))]
-            for name, flop, to, tu in stages:
-                if not flop or not to or not tu:
+            stages = [("RPN branch (R50-FPN)", g.get("rpn_branch"), g.get("rpn_branch"), o.get("rpn_branch"),
+                       u.get("rpn_branch")),
+                      ("CLIP to res4", g["backbone_res4"], g["backbone_res4"], o.get("backbone_res4"),
+                       u.get("backbone_res4")),
+                      ("res5 + attention pool", g["res5"] + g["attnpool"], g["res5"] + g["attnpool_one_query"],
+                       o.get("res5", 0) + o.get("attnpool", 0), u.get("res5_attnpool"))]
+            for name, f_off, f_ours, to, tu in stages:
+                if not f_off or not to or not tu:
                     continue
-                out.append(f"| {r['mode']} | {r['size']} | {r['actual_regions']} | {name} | {flop:.1f} | "
-                           f"{flop / to:.0f} | {flop / tu:.0f} | {100 * flop / tu / peak['conv_gflops']:.0f}% |")
-        out.append("\n(res5 + attention pool counted in the official form, all 50 queries; the detector computes "
-                   "fewer operations for the same output, so its rate there can exceed what it executes)")
+                out.append(f"| {r['mode']} | {r['size']} | {r['actual_regions']} | {name} | {f_off:.0f} / {f_ours:.0f} "
+                           f"| {f_off / to:.0f} | {f_ours / tu:.0f} | {100 * f_ours / tu / peak['conv_gflops']:.0f}% |")
+        out.append("\n(operations executed: the official attention pool projects all 50 tokens, the detector's only "
+                   "the query it keeps; at 300+ regions the detector's RoIAlign runs inside its chunked res5 loop "
+                   "and is timed with it)")
     return out
 
 

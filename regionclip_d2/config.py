@@ -52,6 +52,11 @@ def add_regionclip_config(cfg):
     # inference runs copies of both backbones with their fixed BatchNorms folded into the convolutions (opt-in,
     # off: the backbones alone ran 1.09x / 1.26x faster, end-to-end 1.01x / 0.86x in GT / RPN mode, +200 MB; README)
     c.FOLD_BATCHNORM = False
+    # scores ensembled with a frozen CLIP region classifier at inference (not official; ViLD / F-VLM; opt-in):
+    # class c scores p_det^(1-l) * p_zs^l, l = ALPHA for training-vocabulary classes, BETA for the others
+    c.ENSEMBLE_WEIGHTS = ""  # the frozen model: a CLIP file or a RegionCLIP checkpoint (e.g. the pretrained student)
+    c.ENSEMBLE_ALPHA = 0.35
+    c.ENSEMBLE_BETA = 0.65
     # --- region-text pretraining ---
     c.PRETRAIN_IMG_TXT_LEVEL = True  # add the image-text contrastive loss
     c.PRETRAIN_RPN_REGIONS = 300  # regions kept per image after the RPN branch's NMS

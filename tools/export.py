@@ -75,7 +75,7 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from synthetic_pipeline import finished_run_settings
 
-        s = finished_run_settings(args.synthetic, "export")
+        s = finished_run_settings(args.synthetic, "export", ensemble=False)  # the graph has no score ensemble
         world_test = s["world_test"]
         config, opts = s["config"], s["opts"] + opts
         if args.vocabulary != "custom":

@@ -54,13 +54,14 @@ PROFILES = {
                  pretrain_loss_weights="1,1,1", teacher_clip_seed_offset=0,
                  transfer_iters=400, transfer_batch=8, transfer_lr=0.001, focal=0.5, bg_weight=0.2,
                  transfer_arch="FPN", c4_rows=0, transfer_jobs=2,
+                 ensemble=0, ensemble_alpha=0.35, ensemble_beta=0.65,  # ensemble=1: "+ ensemble" rows, README
                  demo_images=4, demo_threshold=0.5),
 }
 
 # the test suite: every stage, tiny
 PROFILES["tiny"] = dict(PROFILES["demo"], num_train=48, num_val=40, num_test=12, clip_steps=30, clip_batch=16,
                         clip_warmup=0, min_count=2, rpn_iters=4, rpn_batch=4, pretrain_iters=3, pretrain_batch=4,
-                        transfer_iters=4, transfer_batch=4, demo_images=2, c4_rows=1)
+                        transfer_iters=4, transfer_batch=4, demo_images=2, c4_rows=1, ensemble=1)
 
 # the transfer detectors: (row label, output tag, initialisation); the main rows use the
 # profile's transfer_arch, and with c4_rows (when that is FPN) the C4 design adds its rows
@@ -383,29 +384,50 @@ class Pipeline:
 
     def start_transfer(self, weights: str, tag: str, arch: str = "C4", threads: int = 0):
         """Start training one transfer detector (see :meth:`transfer_one`) without waiting."""
+        return self.start_tool("train_net.py", self.transfer_args(weights, tag, arch), "transfer",
+                               log_name=f"transfer_{tag}", threads=threads)
+
+    def start_ensemble_eval(self, tag: str, arch: str, init_weights: str, threads: int = 0):
+        """Start evaluating the trained transfer detector ``tag`` with its scores ensembled with
+        the frozen model it started from (``init_weights``: the student's pretraining checkpoint,
+        or "" for the world CLIP file; MODEL.CLIP.ENSEMBLE_WEIGHTS); results in
+        ``transfer/<tag>_ensemble``."""
+        det = os.path.join(self.out, "transfer", tag, "model_final.pth")
+        args = self.transfer_args(det, tag + "_ensemble", arch)  # evaluated into transfer/<tag>_ensemble
+        return self.start_tool("train_net.py", ["--eval-only"] + args + [
+            "MODEL.CLIP.ENSEMBLE_WEIGHTS", init_weights or self.clip_weights,
+            "MODEL.CLIP.ENSEMBLE_ALPHA", self.p["ensemble_alpha"], "MODEL.CLIP.ENSEMBLE_BETA", self.p["ensemble_beta"]],
+            "transfer", log_name=f"transfer_{tag}_ensemble", threads=threads)
+
+    def transfer_args(self, weights: str, tag: str, arch: str) -> List[str]:
+        """tools/train_net.py arguments of the transfer detector ``tag`` (output ``transfer/<tag>``)."""
         p = self.p
         out = os.path.join(self.out, "transfer", tag)
         config = TRANSFER_CONFIGS[arch]
-        return self.start_tool("train_net.py", ["--config-file", config] + self.register_args()
-                               + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)",
-                                  "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
-                                  "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
-                                  "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
-                                  "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
-                                  "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"], "MODEL.CLIP.BG_CLS_LOSS_WEIGHT",
-                                  p["bg_weight"], "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH",
-                                  p["transfer_batch"], "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS",
-                                  f"({int(p['transfer_iters'] * 0.8)},)",
-                                  "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
-                               + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
-                               + self.model_args(), "transfer", log_name=f"transfer_{tag}", threads=threads)
+        return (["--config-file", config] + self.register_args()
+                + ["DATASETS.TRAIN", "('world_train',)", "DATASETS.TEST", "('world_test',)",
+                   "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
+                   "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights,
+                   "MODEL.CLIP.TEXT_EMB_PATH", os.path.join(self.out, "classes", "base.pth"),
+                   "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", os.path.join(self.out, "classes", "all.pth"),
+                   "MODEL.CLIP.FOCAL_SCALED_LOSS", p["focal"], "MODEL.CLIP.BG_CLS_LOSS_WEIGHT",
+                   p["bg_weight"], "SOLVER.MAX_ITER", p["transfer_iters"], "SOLVER.IMS_PER_BATCH",
+                   p["transfer_batch"], "SOLVER.BASE_LR", p["transfer_lr"], "SOLVER.STEPS",
+                   f"({int(p['transfer_iters'] * 0.8)},)",
+                   "SOLVER.WARMUP_ITERS", min(30, p["transfer_iters"] // 4)]
+                + self.size_args() + (self.pool_args() if arch == "C4" else []) + self.class_args()
+                + self.model_args())
 
-    def transfer_result(self, tag: str) -> Dict:
-        """AP50 (novel/base/all), weights and top-label breakdown of a trained transfer detector."""
-        out = os.path.join(self.out, "transfer", tag)
+    def transfer_result(self, tag: str, ensemble_weights: str = None) -> Dict:
+        """AP50 (novel/base/all), weights and top-label breakdown of a trained transfer detector;
+        with ``ensemble_weights`` (see :meth:`start_ensemble_eval`) of the detector ``tag`` with
+        the ensemble (evaluated into ``transfer/<tag>_ensemble``)."""
+        out = os.path.join(self.out, "transfer", tag + ("_ensemble" if ensemble_weights is not None else ""))
         with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
             res = json.load(f)["bbox"]
-        res["weights"] = os.path.join(out, "model_final.pth")
+        res["weights"] = os.path.join(self.out, "transfer", tag, "model_final.pth")
+        if ensemble_weights is not None:
+            res["ensemble_weights"] = ensemble_weights or self.clip_weights
         res["top_labels"] = self.top_labels(os.path.join(out, "inference", "world_test", "coco_instances_results.json"))
         return res
 
@@ -439,7 +461,27 @@ class Pipeline:
         for i in range(0, len(rows), jobs):
             self.wait_tools([self.start_transfer(self.transfer_weights(tag, student_weights), tag, arch,
                                                  threads=threads) for _, tag, arch in rows[i:i + jobs]])
-        return {label: self.transfer_result(tag) for label, tag, _ in rows}
+        out = {label: self.transfer_result(tag) for label, tag, _ in rows}
+        if self.p["ensemble"]:
+            out.update(self.ensemble_results(student_weights, reuse=False))
+        return out
+
+    def ensemble_results(self, student_weights: str, reuse: bool = True) -> Dict:
+        """The main transfer detectors (both initialisations) evaluated again with their scores
+        ensembled with the frozen model each started from (:meth:`start_ensemble_eval`); with
+        ``reuse`` a finished evaluation is read, not repeated (for runs finished before the
+        ensemble existed): ``{"<label> + ensemble": result}``."""
+        main = self.transfer_rows()[:len(INITS)]
+        todo = [(tag, arch) for _, tag, arch in main
+                if not reuse or not os.path.isfile(os.path.join(self.out, "transfer", f"{tag}_ensemble", "inference",
+                                                                "world_test", "results.json"))]
+        jobs = max(1, min(self.p["transfer_jobs"], len(todo) or 1))
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+        for i in range(0, len(todo), jobs):
+            self.wait_tools([self.start_ensemble_eval(tag, arch, self.transfer_weights(tag, student_weights),
+                                                      threads=threads) for tag, arch in todo[i:i + jobs]])
+        return {f"{label} + ensemble": self.transfer_result(tag, self.transfer_weights(tag, student_weights))
+                for label, tag, _ in main}
 
     @staticmethod
     def transfer_weights(tag: str, student_weights: str) -> str:
@@ -461,14 +503,18 @@ class Pipeline:
         chosen = set(with_novel + without)
         return [os.path.join(self.world, "test", f) for f, _ in files if f in chosen]
 
-    def detector_opts(self, detector_weights: str, arch: str) -> List[str]:
+    def detector_opts(self, detector_weights: str, arch: str, ensemble_weights: str = "") -> List[str]:
         """Config overrides of a transfer detector of this run (``arch``: C4 or FPN) for the tools and
-        the API: its weights, the RPN branch, the world's CLIP, sizes and class counts."""
+        the API: its weights, the RPN branch, the world's CLIP, sizes and class counts; with
+        ``ensemble_weights`` its scores ensembled with that frozen model."""
         opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
                 + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
+        if ensemble_weights:
+            opts += ["MODEL.CLIP.ENSEMBLE_WEIGHTS", ensemble_weights, "MODEL.CLIP.ENSEMBLE_ALPHA",
+                     self.p["ensemble_alpha"], "MODEL.CLIP.ENSEMBLE_BETA", self.p["ensemble_beta"]]
         return [str(o) for o in opts]
 
-    def demo(self, detector_weights, arch: str = "C4"):
+    def demo(self, detector_weights, arch: str = "C4", ensemble_weights: str = ""):
         _, novel, all_names = self.names()
         images = self.demo_image_files()
         out = os.path.join(self.out, "demo")
@@ -476,7 +522,7 @@ class Pipeline:
                   + images
                   + ["--output", out, "--vocabulary", "custom", "--custom-vocabulary", ",".join(all_names),
                      "--confidence-threshold", self.p["demo_threshold"], "--cpu", "--opts"]
-                  + self.detector_opts(detector_weights, arch), "demo")
+                  + self.detector_opts(detector_weights, arch, ensemble_weights), "demo")
         return out
 
     def exemplar_examples(self, shots: int, names=None) -> Dict[str, List]:
@@ -571,10 +617,11 @@ class Pipeline:
         student = self._stage("7/11 pretrain: region-text pretraining", self.pretrain)
         zs = self._stage("8/11 zero-shot: region classification on GT boxes", lambda: self.zero_shot(student))
         tr = self._stage("9/11 transfer: detectors on base classes", lambda: self.transfer(student))
-        # the pictures show the RegionCLIP student's detector
-        shown = "RegionCLIP student"
+        # the pictures show the RegionCLIP student's detector (with the ensemble when it was measured)
+        shown = "RegionCLIP student + ensemble" if "RegionCLIP student + ensemble" in tr else "RegionCLIP student"
         demo_dir = self._stage("10/11 demo: DefaultPredictor with novel classes",
-                               lambda: self.demo(tr[shown]["weights"], self.p["transfer_arch"]))
+                               lambda: self.demo(tr[shown]["weights"], self.p["transfer_arch"],
+                                                 tr[shown].get("ensemble_weights", "")))
         results = {"profile": self.p, "seed": self.seed, "world_clip": clip_metrics, "concepts": len(concepts),
                    "teacher": teacher, "zero_shot": zs, "transfer": tr, "demo_dir": demo_dir, "demo_detector": shown,
                    "timings_s": self.timings, "total_s": time.time() - t0}
@@ -635,7 +682,8 @@ def report_markdown(results: Dict, p: Dict, seed: int) -> List[str]:
         z, t = zs[label], tr[label]
         rows.append(f"| {label} | {z['acc-novel']:.1f} | {z['acc-base']:.1f} | {z['acc-all']:.1f} | "
                     f"{t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | {t['AP50-all']:.1f} |")
-    for label in ("world CLIP, C4", "RegionCLIP student, C4"):
+    for label in ("world CLIP + ensemble", "RegionCLIP student + ensemble", "world CLIP, C4",
+                  "RegionCLIP student, C4"):
         if label in tr:
             t = tr[label]
             rows.append(f"| {label} detector | - | - | - | {t['AP50-novel']:.1f} | {t['AP50-base']:.1f} | "
@@ -721,13 +769,14 @@ def plot_results(results: Dict, path: str):
         logger.warning("could not draw the plot: %s", e)
 
 
-def finished_run_settings(run_dir: str, tool: str = "app", detector: str = None) -> dict:
+def finished_run_settings(run_dir: str, tool: str = "app", detector: str = None, ensemble: bool = True) -> dict:
     """What ``tools/synthetic_pipeline.py``'s demo stage passes to ``tools/demo.py`` for a finished
     run: the transfer config, the shown detector's weights (or ``detector``'s: "world CLIP" or
     "RegionCLIP student"), the RPN branch and the world's CLIP, sizes and class counts; plus the
     world's class names, the demo threshold and test images, the run's ``pipeline`` and the
     detector's ``weights`` and ``label``. ``tool`` names the caller in error messages
-    (``--synthetic`` is its option)."""
+    (``--synthetic`` is its option); ``ensemble=False``: the shown detector without its score
+    ensemble, where it has one."""
     results_path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(results_path):
         raise SystemExit(f"{tool}: --synthetic {run_dir}: {results_path} not found: run `make demo` first (it writes "
@@ -737,6 +786,8 @@ def finished_run_settings(run_dir: str, tool: str = "app", detector: str = None)
     pipe = Pipeline(run_dir, seed=int(results.get("seed", 0)), overrides=results["profile"])
     arch = pipe.p["transfer_arch"]
     shown = detector or results.get("demo_detector", "RegionCLIP student")
+    if not ensemble:  # the same detector without the score ensemble (e.g. for ONNX export, which has none)
+        shown = shown.replace(" + ensemble", "")
     weights = results["transfer"][shown]["weights"]
     if not os.path.isfile(weights):  # the run was moved: the same file under this folder
         weights = os.path.join(pipe.out, "transfer", os.path.basename(os.path.dirname(weights)), "model_final.pth")
@@ -745,7 +796,10 @@ def finished_run_settings(run_dir: str, tool: str = "app", detector: str = None)
             raise SystemExit(f"{tool}: --synthetic {run_dir}: {path} is missing: the run is incomplete; "
                              "run `make demo`")
     _, _, all_names = pipe.names()
-    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": pipe.detector_opts(weights, arch),
+    ensemble = results["transfer"][shown].get("ensemble_weights", "")
+    if ensemble and not os.path.isfile(ensemble):  # the run was moved: the same file under this folder
+        ensemble = os.path.join(pipe.out, os.path.basename(os.path.dirname(ensemble)), os.path.basename(ensemble))
+    return {"config": os.path.join(ROOT, TRANSFER_CONFIGS[arch]), "opts": pipe.detector_opts(weights, arch, ensemble),
             "pipeline": pipe, "weights": weights, "label": shown,
             "vocabulary": ", ".join(all_names), "threshold": float(pipe.p["demo_threshold"]),
             "world_test": os.path.join(pipe.world, "test"),

@@ -138,6 +138,7 @@ def main(argv=None):
             Pipeline(os.path.dirname(path), args.profile, seed, overrides).run()
         with open(path) as f:
             runs[seed] = json.load(f)
+        add_ensemble_rows(runs[seed], os.path.dirname(path), args.profile, seed, overrides)
     ablations, by_seed = ({}, {}) if args.no_ablations else run_ablations(args, overrides, ablation_seeds, chosen)
     val = val_zero_shot(args, overrides, runs, by_seed) if args.val_zero_shot else {}
     md = (report(runs, ablations, args, time.time() - t0, ablation_seeds[0])
@@ -152,6 +153,20 @@ def main(argv=None):
     plot(runs, ablations, os.path.join(args.output, "reproduce.png"))
     print("\n".join(md))
     return 0
+
+
+def add_ensemble_rows(run: dict, run_dir: str, profile: str, seed: int, overrides: dict):
+    """A seed run finished before the score ensemble existed: its transfer detectors evaluated
+    with it now (two evaluations, about a minute), the rows added to ``run`` and its results.json."""
+    from synthetic_pipeline import Pipeline
+
+    pipe = Pipeline(run_dir, profile, seed, dict(run.get("profile", {}), **overrides))
+    if not pipe.p["ensemble"] or all(f"{label} + ensemble" in run["transfer"] for label, _ in ROWS):
+        return
+    print(f"seed {seed}: evaluating its transfer detectors with the score ensemble ...", flush=True)
+    run["transfer"].update(pipe.ensemble_results(os.path.join(run_dir, "pretrain", "model_final.pth")))
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(run, f, indent=1, default=str)
 
 
 def seed_results(output: str, seed: int) -> str:
@@ -287,12 +302,23 @@ def report(runs, ablations, args, seconds, s0=None):
         cells = [fmt(mean_std([runs[s]["zero_shot"][key][f"acc-{k}"] for s in seeds])) for k in splits]
         cells += [fmt(mean_std([runs[s]["transfer"][key][f"AP50-{k}"] for s in seeds])) for k in splits]
         md.append(f"| {label} | " + " | ".join(cells) + " |")
+    for label, key in ROWS:
+        key = f"{key} + ensemble"
+        if all(key in runs[s]["transfer"] for s in seeds):
+            cells = ["-"] * 3 + [fmt(mean_std([runs[s]["transfer"][key][f"AP50-{k}"] for s in seeds]))
+                                 for k in ("novel", "base", "all")]
+            md.append(f"| {label}, scores ensembled with it | " + " | ".join(cells) + " |")
     diffs = {k: mean_std([runs[s]["zero_shot"]["RegionCLIP student"][f"acc-{k}"]
                           - runs[s]["zero_shot"]["world CLIP"][f"acc-{k}"] for s in seeds]) for k in ("novel", "all")}
     tdiff = mean_std([runs[s]["transfer"]["RegionCLIP student"]["AP50-novel"]
                       - runs[s]["transfer"]["world CLIP"]["AP50-novel"] for s in seeds])
+    ens = ""
+    if all("RegionCLIP student + ensemble" in runs[s]["transfer"] for s in seeds):
+        ens = "; with the ensemble " + fmt(mean_std([runs[s]["transfer"]["RegionCLIP student + ensemble"]["AP50-novel"]
+                                                     - runs[s]["transfer"]["world CLIP + ensemble"]["AP50-novel"]
+                                                     for s in seeds]))
     md += ["", f"Student minus world CLIP, per seed then averaged: zero-shot novel {fmt(diffs['novel'])}, all "
-           f"{fmt(diffs['all'])}; transfer AP50 novel {fmt(tdiff)}.",
+           f"{fmt(diffs['all'])}; transfer AP50 novel {fmt(tdiff)}{ens}.",
            "Teacher pseudo-label accuracy on RPN regions overlapping a box: "
            + fmt(mean_std([runs[s]["teacher"]["accuracy"] for s in seeds])) + "%."]
     if ablations:

@@ -77,6 +77,9 @@ class RecognitionGraph(nn.Module):
         if isinstance(pred, GroundingPredictor) or not hasattr(getattr(pred, "cls_score", None), "temperature"):
             raise ValueError(f"{type(pred).__name__} is not the open-vocabulary predictor: export folds a text-"
                              "embedding classifier (the grounding head, MODEL.GROUNDING.ENABLED, is not supported)")
+        if getattr(model, "ensemble", None) is not None:
+            raise ValueError("the detector ensembles its scores with a frozen model (MODEL.CLIP.ENSEMBLE_WEIGHTS), "
+                             "which the exported graph does not include: export without MODEL.CLIP.ENSEMBLE_WEIGHTS")
         if model.inference_dtype != "float32":
             raise ValueError(f"MODEL.CLIP.INFERENCE_DTYPE is {model.inference_dtype}: export runs in float32; "
                              "set MODEL.CLIP.INFERENCE_DTYPE float32")

@@ -63,9 +63,28 @@ def test_results_table(tiny_run):
     teacher = res["teacher"]
     assert teacher["regions"] >= 0 and (math.isnan(teacher["accuracy"]) or 0 <= teacher["accuracy"] <= 100)
     table = (out / "results.md").read_text()
-    for row in ("| world CLIP |", "| RegionCLIP student |", "| RegionCLIP student, C4 detector |", "(FPN)"):
+    for row in ("| world CLIP |", "| RegionCLIP student |", "| RegionCLIP student, C4 detector |", "(FPN)",
+                "| world CLIP + ensemble detector |", "| RegionCLIP student + ensemble detector |"):
         assert row in table
     assert "pseudo labels on" in table
+
+
+def test_ensemble_rows_use_the_frozen_model_each_detector_started_from(tiny_run):
+    """The '+ ensemble' rows evaluate the same trained detectors (no training) with the scores
+    ensembled with the world CLIP file / the pretrained student; the demo shows the student's."""
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    for label, tag, frozen in (("world CLIP", "world_fpn", out / "world_clip" / "world_clip.pt"),
+                               ("RegionCLIP student", "regionclip_fpn", out / "pretrain" / "model_final.pth")):
+        row = res["transfer"][f"{label} + ensemble"]
+        assert row["ensemble_weights"] == str(frozen)
+        assert row["weights"] == res["transfer"][label]["weights"] == str(out / "transfer" / tag / "model_final.pth")
+        assert not (out / "transfer" / f"{tag}_ensemble" / "model_final.pth").exists()  # evaluated, not trained
+        cfg = (out / "transfer" / f"{tag}_ensemble" / "config.yaml").read_text()
+        assert f"ENSEMBLE_WEIGHTS: {frozen}" in cfg and "ENSEMBLE_BETA: 0.65" in cfg
+    assert res["demo_detector"] == "RegionCLIP student + ensemble"
+    demo_log = (out / "logs" / "demo.log").read_text()
+    assert "ensemble" in demo_log
 
 
 def test_pretraining_moved_the_student_and_demo_names_novel_classes(tiny_run):

@@ -20,6 +20,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ...checkpoint.loading import check_weights_file, load_clip_weights, load_rpn_weights
 from ...config import check_config
 from ...data.vocabularies import load_vocabulary
+from ..backbone.clip_resnet import clip_resnet_from_cfg
+from ..ensemble import RegionEnsemble
 from ..text import build_language_encoder, embed_class_names, load_text_embeddings
 from .two_branch import TwoBranchModel, build_offline_rpn_cfg, rpn_branch_from_config
 
@@ -54,7 +56,8 @@ class CLIPFastRCNN(TwoBranchModel):
                  inference_dtype: str = "float32", channels_last: bool = False,
                  train_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
                  test_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
-                 lang_encoder_loaded: bool = False, rpn_weights_file: str = "", fold_batchnorm: bool = False):
+                 lang_encoder_loaded: bool = False, rpn_weights_file: str = "", fold_batchnorm: bool = False,
+                 ensemble: Optional[RegionEnsemble] = None):
         super().__init__()
         self.__dict__["fold_batchnorm"] = fold_batchnorm
         if region_type not in REGION_TYPES:
@@ -64,6 +67,7 @@ class CLIPFastRCNN(TwoBranchModel):
         self.backbone = backbone
         self.roi_heads = roi_heads
         self.lang_encoder = lang_encoder
+        self.ensemble = ensemble  # the frozen region classifier of the score ensemble (MODEL.CLIP.ENSEMBLE_WEIGHTS)
         self.region_type = region_type
         self.prompt_templates = prompt_templates
         if inference_dtype not in ("float32", "bfloat16"):
@@ -112,6 +116,9 @@ class CLIPFastRCNN(TwoBranchModel):
             "channels_last": c.CHANNELS_LAST,
             "fold_batchnorm": c.FOLD_BATCHNORM,
         }
+        if c.ENSEMBLE_WEIGHTS:
+            ret["ensemble"] = RegionEnsemble(clip_resnet_from_cfg(cfg, ["res4"], freeze_at=5),
+                                             alpha=c.ENSEMBLE_ALPHA, beta=c.ENSEMBLE_BETA)
         ret.update(rpn_branch_from_config(cfg))
         ret.update(load_from_cfg(cfg, ret))
         return ret
@@ -312,9 +319,39 @@ class CLIPFastRCNN(TwoBranchModel):
                 outs += self.roi_heads(sub, feats, [regions[i]], None)[0]
         return outs
 
+    def novel_classes(self) -> torch.Tensor:
+        """``[C]`` bool over the active (test) vocabulary: True for a class outside the training
+        vocabulary (by name where both have names, else by embedding); all False when the
+        training vocabulary is the one in use."""
+        pred = self.roi_heads.box_predictor
+        test, train = self._vocabulary(False), self._vocabulary(True)
+        n = pred.cls_score.num_classes()
+        if pred.cls_score.active() is train or len(train) == 0:
+            return torch.zeros(n, dtype=torch.bool, device=self.device)
+        if test.names is not None and train.names is not None:
+            known = set(train.names)
+            return torch.tensor([name not in known for name in test.names], dtype=torch.bool, device=self.device)
+        a = torch.nn.functional.normalize(test.embeddings.float(), dim=-1)
+        b = torch.nn.functional.normalize(train.embeddings.float(), dim=-1)
+        return (a @ b.t()).max(dim=1).values < 1 - 1e-5
+
+    def _attach_ensemble(self, images: ImageList, regions: List[Instances]):
+        """The frozen model's class probabilities on every region (``ensemble_probs`` ``[R, C]``)
+        and its shares (``ensemble_shares``), for the box predictor to combine with its own."""
+        pred = self.roi_heads.box_predictor
+        text = pred.cls_score.embeddings()
+        probs = self.ensemble.class_probs(images.tensor, [r.proposal_boxes for r in regions], text,
+                                          pred.cls_score.temperature)
+        shares = self.ensemble.shares(self.novel_classes())
+        for r, p in zip(regions, probs):
+            r.ensemble_probs = p
+            r.ensemble_shares = shares.expand(len(r), -1)
+
     def _inference(self, batched_inputs, do_postprocess):
         regions = self.get_regions(batched_inputs)
         images = self.preprocess_image(batched_inputs)
+        if self.ensemble is not None and not any(x.get("grounding") is not None for x in batched_inputs):
+            self._attach_ensemble(images, regions)
         results = [None] * len(batched_inputs)
         nonempty = [i for i, r in enumerate(regions) if len(r) > 0]
         if nonempty:
@@ -378,7 +415,8 @@ class _Parts(nn.Module):
 
     def __init__(self, parts: Dict):
         super().__init__()
-        for name in ("backbone", "roi_heads", "lang_encoder", "offline_backbone", "offline_proposal_generator"):
+        for name in ("backbone", "roi_heads", "lang_encoder", "offline_backbone", "offline_proposal_generator",
+                     "ensemble"):
             setattr(self, name, parts.get(name))
 
 
@@ -400,6 +438,13 @@ def load_from_cfg(cfg, parts: Dict) -> Dict:
         load_clip_weights(c.CLIP_WEIGHTS, backbone=clip_resnet, lang_encoder=model.lang_encoder, trusted=trusted)
         out["lang_encoder_loaded"] = True
         logger.info("loaded CLIP weights from %s", c.CLIP_WEIGHTS)
+    if model.ensemble is not None:
+        if model.ensemble.embed_dim != c.TEXT_EMB_DIM:
+            raise ValueError(f"the ensemble's frozen model (MODEL.CLIP.ENSEMBLE_WEIGHTS) produces "
+                             f"{model.ensemble.embed_dim}-d region embeddings but the text embeddings have dim "
+                             f"{c.TEXT_EMB_DIM}: use a model of the same CLIP as the detector")
+        load_clip_weights(c.ENSEMBLE_WEIGHTS, backbone=model.ensemble.encoder, trusted=trusted)
+        logger.info("loaded the ensemble's frozen region classifier from %s", c.ENSEMBLE_WEIGHTS)
     if c.BB_RPN_WEIGHTS:
         if model.offline_backbone is None:
             logger.warning("MODEL.CLIP.BB_RPN_WEIGHTS is set but CROP_REGION_TYPE=%s has no RPN branch; "

@@ -20,6 +20,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import (  # _log_classification_sta
     _log_classification_stats,
 )
 
+from ..ensemble import ensemble_probs
 from .postprocess import fast_inference
 from .vocabulary import NoVocabularyError, TextEmbeddingClassifier, Vocabulary
 
@@ -179,6 +180,9 @@ class OpenVocabularyPredictor(FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions
         probs = F.softmax(scores, dim=-1)
+        if len(proposals) and proposals[0].has("ensemble_probs"):  # MODEL.CLIP.ENSEMBLE_WEIGHTS (ensemble.py)
+            probs = ensemble_probs(probs, cat([p.ensemble_probs for p in proposals]),
+                                   cat([p.ensemble_shares for p in proposals]))
         if self.fusion != "none" and len(proposals) and proposals[0].has("objectness_logits"):
             obj = cat([p.objectness_logits for p in proposals]).float()[:, None]
             if self.fusion == "geometric":
