@@ -462,7 +462,7 @@ class Pipeline:
             self.wait_tools([self.start_transfer(self.transfer_weights(tag, student_weights), tag, arch,
                                                  threads=threads) for _, tag, arch in rows[i:i + jobs]])
         out = {label: self.transfer_result(tag) for label, tag, _ in rows}
-        if self.p["ensemble"]:
+        if self.p.get("ensemble"):  # profiles of other pipelines (CLIPSelf's F-ViT) have no ensemble
             out.update(self.ensemble_results(student_weights, reuse=False))
         return out
 

@@ -161,7 +161,7 @@ def add_ensemble_rows(run: dict, run_dir: str, profile: str, seed: int, override
     from synthetic_pipeline import Pipeline
 
     pipe = Pipeline(run_dir, profile, seed, dict(run.get("profile", {}), **overrides))
-    if not pipe.p["ensemble"] or all(f"{label} + ensemble" in run["transfer"] for label, _ in ROWS):
+    if not pipe.p.get("ensemble") or all(f"{label} + ensemble" in run["transfer"] for label, _ in ROWS):
         return
     print(f"seed {seed}: evaluating its transfer detectors with the score ensemble ...", flush=True)
     run["transfer"].update(pipe.ensemble_results(os.path.join(run_dir, "pretrain", "model_final.pth")))
