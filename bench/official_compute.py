@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STAGES = ("rpn_branch", "backbone_res4", "roialign", "res5", "attnpool", "classifier", "postprocess")
-
 
 class _Clock:
     def __init__(self):
@@ -145,9 +143,7 @@ def compare_detections(a: List[Dict], b: List[Dict], score_tol: float = 1e-4, bo
     for x, y in zip(a, b):
         ia, ib = x["instances"], y["instances"]
         total += len(ia)
-        if not len(ia):
-            continue
-        if not len(ib):
+        if not len(ia) or not len(ib):
             continue
         same_cls = ia.pred_classes[:, None] == ib.pred_classes[None, :]
         box_d = (ia.pred_boxes.tensor[:, None, :] - ib.pred_boxes.tensor[None, :, :]).abs().amax(-1)

@@ -387,17 +387,23 @@ class Pipeline:
         return self.start_tool("train_net.py", self.transfer_args(weights, tag, arch), "transfer",
                                log_name=f"transfer_{tag}", threads=threads)
 
-    def start_ensemble_eval(self, tag: str, arch: str, init_weights: str, threads: int = 0):
+    def start_ensemble_eval(self, tag: str, arch: str, frozen_weights: str, threads: int = 0):
         """Start evaluating the trained transfer detector ``tag`` with its scores ensembled with
-        the frozen model it started from (``init_weights``: the student's pretraining checkpoint,
-        or "" for the world CLIP file; MODEL.CLIP.ENSEMBLE_WEIGHTS); results in
+        the frozen model ``frozen_weights`` (:meth:`ensemble_weights`); results in
         ``transfer/<tag>_ensemble``."""
         det = os.path.join(self.out, "transfer", tag, "model_final.pth")
-        args = self.transfer_args(det, tag + "_ensemble", arch)  # evaluated into transfer/<tag>_ensemble
-        return self.start_tool("train_net.py", ["--eval-only"] + args + [
-            "MODEL.CLIP.ENSEMBLE_WEIGHTS", init_weights or self.clip_weights,
-            "MODEL.CLIP.ENSEMBLE_ALPHA", self.p["ensemble_alpha"], "MODEL.CLIP.ENSEMBLE_BETA", self.p["ensemble_beta"]],
-            "transfer", log_name=f"transfer_{tag}_ensemble", threads=threads)
+        return self.start_tool("train_net.py", ["--eval-only"] + self.transfer_args(det, tag + "_ensemble", arch)
+                               + self.ensemble_opts(frozen_weights), "transfer", log_name=f"transfer_{tag}_ensemble",
+                               threads=threads)
+
+    def ensemble_weights(self, tag: str, student_weights: str) -> str:
+        """The frozen model of the transfer row ``tag``'s ensemble: the one it started from (the
+        student's pretraining checkpoint, or the world CLIP file)."""
+        return self.transfer_weights(tag, student_weights) or self.clip_weights
+
+    def ensemble_opts(self, frozen_weights: str) -> List[str]:
+        return ["MODEL.CLIP.ENSEMBLE_WEIGHTS", frozen_weights, "MODEL.CLIP.ENSEMBLE_ALPHA", self.p["ensemble_alpha"],
+                "MODEL.CLIP.ENSEMBLE_BETA", self.p["ensemble_beta"]]
 
     def transfer_args(self, weights: str, tag: str, arch: str) -> List[str]:
         """tools/train_net.py arguments of the transfer detector ``tag`` (output ``transfer/<tag>``)."""
@@ -420,14 +426,14 @@ class Pipeline:
 
     def transfer_result(self, tag: str, ensemble_weights: str = None) -> Dict:
         """AP50 (novel/base/all), weights and top-label breakdown of a trained transfer detector;
-        with ``ensemble_weights`` (see :meth:`start_ensemble_eval`) of the detector ``tag`` with
+        with ``ensemble_weights`` (the frozen model, :meth:`ensemble_weights`) of the detector ``tag`` with
         the ensemble (evaluated into ``transfer/<tag>_ensemble``)."""
         out = os.path.join(self.out, "transfer", tag + ("_ensemble" if ensemble_weights is not None else ""))
         with open(os.path.join(out, "inference", "world_test", "results.json")) as f:
             res = json.load(f)["bbox"]
         res["weights"] = os.path.join(self.out, "transfer", tag, "model_final.pth")
         if ensemble_weights is not None:
-            res["ensemble_weights"] = ensemble_weights or self.clip_weights
+            res["ensemble_weights"] = ensemble_weights
         res["top_labels"] = self.top_labels(os.path.join(out, "inference", "world_test", "coco_instances_results.json"))
         return res
 
@@ -478,9 +484,9 @@ class Pipeline:
         jobs = max(1, min(self.p["transfer_jobs"], len(todo) or 1))
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
         for i in range(0, len(todo), jobs):
-            self.wait_tools([self.start_ensemble_eval(tag, arch, self.transfer_weights(tag, student_weights),
+            self.wait_tools([self.start_ensemble_eval(tag, arch, self.ensemble_weights(tag, student_weights),
                                                       threads=threads) for tag, arch in todo[i:i + jobs]])
-        return {f"{label} + ensemble": self.transfer_result(tag, self.transfer_weights(tag, student_weights))
+        return {f"{label} + ensemble": self.transfer_result(tag, self.ensemble_weights(tag, student_weights))
                 for label, tag, _ in main}
 
     @staticmethod
@@ -510,8 +516,7 @@ class Pipeline:
         opts = (["MODEL.WEIGHTS", detector_weights, "MODEL.CLIP.BB_RPN_WEIGHTS", self.rpn_weights] + self.size_args()
                 + (self.pool_args() if arch == "C4" else []) + self.class_args() + self.model_args())
         if ensemble_weights:
-            opts += ["MODEL.CLIP.ENSEMBLE_WEIGHTS", ensemble_weights, "MODEL.CLIP.ENSEMBLE_ALPHA",
-                     self.p["ensemble_alpha"], "MODEL.CLIP.ENSEMBLE_BETA", self.p["ensemble_beta"]]
+            opts += self.ensemble_opts(ensemble_weights)
         return [str(o) for o in opts]
 
     def demo(self, detector_weights, arch: str = "C4", ensemble_weights: str = ""):

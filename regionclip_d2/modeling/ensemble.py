@@ -3,8 +3,8 @@
 Not part of the official RegionCLIP. A detector fine-tuned on base classes learns to call
 everything else background, novel objects in its training images included, so on a novel
 object its base classes outscore the novel name it was never trained against (in the
-synthetic world: 0% of the novel test objects named right on ground-truth boxes, while the
-pretrained model it started from names 37% of them zero-shot). ViLD (its "ensemble"), F-VLM
+synthetic demo the top-scoring detection names 1% of the novel test objects right, while the
+pretrained model it started from classifies 37% of their boxes right zero-shot). ViLD (its "ensemble"), F-VLM
 and CLIPSelf's F-ViT combine the detector's class probabilities with those of a frozen
 CLIP-style region classifier, geometrically, with a larger share of the frozen model for the
 classes the detector never saw:
