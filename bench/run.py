@@ -10,7 +10,8 @@ Measured, each in its own subprocess (so peak memory is per setting):
     process (CLIP backbone to res4 on the image + res5 and attention pool on the regions
     + the RPN branch's backbone in RPN mode); reported as end-to-end / limit;
   * stock detectron2 Faster R-CNN R50-C4 at the same size and number of proposals;
-  * one training step of pretraining (batch 2, 100 regions per image) and of transfer;
+  * one training step of pretraining (batch 2, 100 regions per image) and of transfer, in fp32,
+    channels-last (transfer) and bf16 autocast, with the speed-up against fp32;
   * vocabulary embedding throughput (prompts/s) against bare encode_text on the same prompts.
 
   python bench/run.py --quick           # a few settings (minutes)
@@ -21,6 +22,7 @@ Writes bench/results/results.json and results.md. A setting whose run fails is r
 as failed with its error, never with a number.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,19 +44,25 @@ def _timer():
 
 
 class StageTimer:
-    """Accumulates wall time per named stage (module forwards wrapped in place)."""
+    """Accumulates wall time per named stage, timing methods of modules patched in place.
+
+    :meth:`patch` puts a ``functools.partial`` of the class's method on the instance: a deep
+    copy of the module (the detector's folded inference copies, ``MODEL.CLIP.FOLD_BATCHNORM``)
+    then times its own method, where a wrapped bound method would run the original's."""
 
     def __init__(self):
         self.t = {}
 
-    def wrap(self, name, fn):
-        def timed(*a, **k):
+        def timed(name, fn, obj, *a, **k):  # a plain function: deep copies share it
             t0 = time.perf_counter()
-            out = fn(*a, **k)
+            out = fn(obj, *a, **k)
             self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
             return out
 
-        return timed
+        self._timed = timed
+
+    def patch(self, obj, method, name):
+        setattr(obj, method, functools.partial(self._timed, name, getattr(type(obj), method), obj))
 
     def reset(self):
         self.t = {}
@@ -99,31 +107,71 @@ def _inputs(h, w, mode, regions):
     return [x]
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _param_mib(*modules, exclude=()) -> float:
+    """MiB of the distinct parameter and buffer tensors of ``modules`` (not those in ``exclude``)."""
+    seen = {t.data_ptr() for m in exclude if m is not None for t in list(m.parameters()) + list(m.buffers())}
+    total = 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 2 ** 20
+
+
+def memory_breakdown(model, rss_libraries, rss_model, peak, rss_before_inference) -> dict:
+    """Where the detector's peak memory goes: the libraries (RSS after importing them), the built
+    model (RSS growth while building it; its parts' weights counted exactly), the folded inference
+    copies' own weights, and what inference adds on top at its peak (activations, allocator)."""
+    folded = model.__dict__.get("_folded") or {}
+    parts = {"CLIP image tower": _param_mib(model.backbone),
+             "CLIP text tower": _param_mib(model.lang_encoder),
+             "RPN branch": _param_mib(model.offline_backbone, model.offline_proposal_generator)}
+    parts["other"] = _param_mib(model) - sum(parts.values())
+    return {"libraries_mib": rss_libraries, "model_mib": rss_model - rss_libraries, "weights_mib": parts,
+            "folded_copies_mib": _param_mib(*folded.values(), exclude=[model]),
+            "inference_mib": peak - rss_before_inference, "peak_mib": peak}
+
+
 def child_zero_shot(args):
     import resource
 
     import torch
     from official_compute import _Clock, compare_detections, count_flops, official_inference
 
+    import detectron2.modeling  # noqa: F401  (the libraries' memory, before the model's)
+
+    import regionclip_d2.modeling  # noqa: F401
+
     torch.set_num_threads(args.threads)
     mode, vocab, regions = args.mode, args.vocab, args.regions
     h, w = args.size
+    rss_libraries = _rss_mib()
     model = _build_detector(mode, vocab, regions, args.opts)
+    rss_model = _rss_mib()
     inputs = _inputs(h, w, mode, regions)
     if getattr(args, "official_peak", False):  # this process runs the official-compute baseline alone
         official_inference(model, inputs)
         return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     timer = StageTimer()
     if model.offline_backbone is not None:
-        model.offline_backbone.forward = timer.wrap("rpn_branch", model.offline_backbone.forward)
-        model.offline_proposal_generator.forward = timer.wrap("rpn_branch", model.offline_proposal_generator.forward)
-    model.backbone.forward = timer.wrap("backbone_res4", model.backbone.forward)
-    model.roi_heads.pooler.forward = timer.wrap("roialign", model.roi_heads.pooler.forward)
+        timer.patch(model.offline_backbone, "forward", "rpn_branch")
+        timer.patch(model.offline_proposal_generator, "forward", "rpn_branch")
+    timer.patch(model.backbone, "forward", "backbone_res4")
+    timer.patch(model.roi_heads.pooler, "forward", "roialign")
     res = model.clip_resnet
-    res.encode_pooled_regions = timer.wrap("res5_attnpool", res.encode_pooled_regions)
+    timer.patch(res, "encode_pooled_regions", "res5_attnpool")
     pred = model.roi_heads.box_predictor
-    pred.forward = timer.wrap("classifier", pred.forward)
-    pred.inference = timer.wrap("postprocess", pred.inference)
+    timer.patch(pred, "forward", "classifier")
+    timer.patch(pred, "inference", "postprocess")
     # the limit: the same compute as plain module calls
     with torch.inference_mode():
         images = model.preprocess_image(inputs)
@@ -141,10 +189,12 @@ def child_zero_shot(args):
                 pooled.append(torch.randn(n_regions, res.layer3[-1].conv3.out_channels, 14, 14))
             type(res).encode_pooled_regions(res, pooled[0])
 
+    rss_before_inference = _rss_mib()
     for _ in range(max(1, args.warmup)):
         out = model(inputs)
     # peak memory of the end-to-end forward alone (the limit's unchunked res5 comes later)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+    memory = memory_breakdown(model, rss_libraries, rss_model, peak, rss_before_inference)
     for _ in range(max(1, args.warmup)):
         limit_once()
         official_out = official_inference(model, inputs)
@@ -173,7 +223,7 @@ def child_zero_shot(args):
     return {"times": times, "stages": medians(stages), "limit_times": limit, "official_times": official,
             "official_stages": medians(official_stages), "equal": equal,
             "gflop": count_flops(model, inputs, n_regions),
-            "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak}
+            "regions": n_regions, "detections": n_dets, "peak_rss_mib": peak, "memory": memory}
 
 
 def child_stock(args):
@@ -225,16 +275,19 @@ def child_train(args):
     torch.set_num_threads(args.threads)
     h, w = args.size
     torch.manual_seed(0)
+    variant = getattr(args, "variant", "fp32")
+    opts = list(args.opts) + (["MODEL.CLIP.CHANNELS_LAST", True] if variant == "channels-last" else [])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
     if args.kind == "pretrain":
         cfg = get_regionclip_cfg("configs/pretrain/RegionCLIP_RN50.yaml",
                                  ["MODEL.DEVICE", "cpu", "MODEL.CLIP.PRETRAIN_SAMPLE_REGIONS", 100,
-                                  "MODEL.CLIP.GATHER_GPUS", False] + list(args.opts))
+                                  "MODEL.CLIP.GATHER_GPUS", False] + opts)
         model = build_model(cfg)
         model.set_concept_pool(torch.randn(4764, 1024))  # the COCO Captions pool size
         batch = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8), "caption": "a photo of a dog"}
                  for _ in range(2)]
     else:
-        model = _build_detector("RPN", 48, 1000, args.opts)
+        model = _build_detector("RPN", 48, 1000, opts)
         model.set_vocabulary(torch.randn(48, 1024), train=True)
 
         batch = []
@@ -248,7 +301,8 @@ def child_train(args):
     with EventStorage(0):
         for i in range(args.warmup + args.repeats):
             t0 = time.perf_counter()
-            loss = sum(model(batch).values())
+            with autocast:  # as GuardedTrainer does with SOLVER.AMP.ENABLED, DTYPE bfloat16
+                loss = sum(model(batch).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -355,6 +409,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per setting")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--train-variants", nargs="+", choices=["fp32", "channels-last", "bf16"],
+                    default=["fp32", "channels-last", "bf16"],
+                    help="training-step variants, each in its own process (bf16: CPU autocast, as SOLVER.AMP.ENABLED "
+                         "with DTYPE bfloat16; one measured step); default: %(default)s")
     ap.add_argument("--opts", nargs="*", default=[], help="config overrides for every detector setting")
     ap.add_argument("--render", action="store_true",
                     help="only write results.md again from the results.json in --out (no measurement)")
@@ -418,7 +476,7 @@ def main(argv=None):
                 row.update(e2e=e2e, limit=lim, ratio=e2e["median_s"] / lim["median_s"], stages=r["stages"],
                            official=off, speedup=off["median_s"] / e2e["median_s"],
                            official_stages=r["official_stages"], equal=r["equal"], gflop=r["gflop"],
-                           actual_regions=r["regions"], peak_rss_mib=r["peak_rss_mib"])
+                           actual_regions=r["regions"], peak_rss_mib=r["peak_rss_mib"], memory=r["memory"])
                 peak = run_child("zs", dict(params, official_peak=True, warmup=0, repeats=0), args.timeout)
                 row["official_peak_rss_mib"] = peak.get("peak_rss_mib")
             results["zero_shot"].append(row)
@@ -441,13 +499,15 @@ def main(argv=None):
     if "train" in groups:
         for kind in ("pretrain", "transfer"):
             size = (480, 640)
-            print(f"training step: {kind} ...", flush=True)
-            r = run_child("train", dict(base, kind=kind, size=size, warmup=1, repeats=max(2, repeats // 2)),
-                          args.timeout)
-            row = {"kind": kind, "size": "480x640", "batch": 2}
-            row.update({"error": r["error"]} if "error" in r else {"step": summarize(r["times"])})
-            results["train"].append(row)
-            save()
+            # channels-last is a detector option (MODEL.CLIP.CHANNELS_LAST): not for the pretraining model
+            for variant in [v for v in args.train_variants if not (kind == "pretrain" and v == "channels-last")]:
+                print(f"training step: {kind}, {variant} ...", flush=True)
+                r = run_child("train", dict(base, kind=kind, size=size, variant=variant, warmup=1,
+                                            repeats=max(2, repeats // 2) if variant != "bf16" else 1), args.timeout)
+                row = {"kind": kind, "variant": variant, "size": "480x640", "batch": 2}
+                row.update({"error": r["error"]} if "error" in r else {"step": summarize(r["times"])})
+                results["train"].append(row)
+                save()
     if "vocab" in groups:
         for vocab in (args.vocabs or ([65] if args.quick else [65, 200])):
             print(f"vocabulary embedding: {vocab} classes x 80 templates ...", flush=True)
@@ -539,6 +599,18 @@ def render(res):
     official = [r for r in res["zero_shot"] if "official" in r]
     if official:
         out += official_tables(official, res.get("peak"))
+    mem = [r for r in res["zero_shot"] if "memory" in r]
+    if mem:
+        out += ["\n## Where the peak memory goes (MiB, RSS)\n",
+                "| mode | size | regions | libraries | model (built) | weights: CLIP image / text / RPN branch / other "
+                "| folded copies' own weights | inference on top | peak |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            m, wt = r["memory"], r["memory"]["weights_mib"]
+            out.append(f"| {r['mode']} | {r['size']} | {r['regions']} | {m['libraries_mib']:.0f} "
+                       f"| {m['model_mib']:.0f} "
+                       f"| {wt['CLIP image tower']:.0f} / {wt['CLIP text tower']:.0f} / {wt['RPN branch']:.0f} / "
+                       f"{wt['other']:.0f} | {m['folded_copies_mib']:.0f} | {m['inference_mib']:.0f} "
+                       f"| {m['peak_mib']:.0f} |")
     if res["stock"]:
         out += ["\n## Stock detectron2 Faster R-CNN R50-C4 (reference)\n",
                 "| size | proposals asked | proposals | s (min-max) | peak RSS MiB |", "|---|---|---|---|---|"]
@@ -547,11 +619,18 @@ def render(res):
                        f"| {r['size']} | {r['regions']} | {r.get('actual_regions', '?')} | {fmt(r['e2e']['median_s'])} "
                        f"({fmt(r['e2e']['min_s'])}-{fmt(r['e2e']['max_s'])}) | {r['peak_rss_mib']:.0f} |")
     if res["train"]:
-        out += ["\n## Training step (batch 2, 480x640)\n", "| kind | s / step (min-max) |", "|---|---|"]
+        out += ["\n## Training step (batch 2, 480x640)\n",
+                "| kind | variant | s / step (min-max) | fp32 / variant |", "|---|---|---|---|"]
+        fp32 = {r["kind"]: r["step"]["median_s"] for r in res["train"]
+                if r.get("variant", "fp32") == "fp32" and "step" in r}
         for r in res["train"]:
-            out.append(f"| {r['kind']} | failed: {r['error'][:80]} |" if "error" in r else
-                       f"| {r['kind']} | {fmt(r['step']['median_s'])} "
-                       f"({fmt(r['step']['min_s'])}-{fmt(r['step']['max_s'])}) |")
+            v = r.get("variant", "fp32")
+            if "error" in r:
+                out.append(f"| {r['kind']} | {v} | failed: {r['error'][:80]} | |")
+                continue
+            ratio = f"{fp32[r['kind']] / r['step']['median_s']:.2f}x" if r["kind"] in fp32 else "—"
+            out.append(f"| {r['kind']} | {v} | {fmt(r['step']['median_s'])} "
+                       f"({fmt(r['step']['min_s'])}-{fmt(r['step']['max_s'])}) | {ratio} |")
     if res["vocab"]:
         out += ["\n## Vocabulary embedding (80 templates)\n",
                 "| classes | prompts | embed_class_names prompts/s | bare encode_text prompts/s | time ratio |",

@@ -27,8 +27,19 @@ def _batch_files(data, limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+def _amp_dtype(name: str, device_type: str) -> torch.dtype:
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"SOLVER.AMP.DTYPE={name!r}: use one of {sorted(dtypes)}")
+    if device_type == "cpu" and name == "float16":
+        raise ValueError("SOLVER.AMP.DTYPE float16 trains on CUDA only (it needs a gradient scaler and fp16 "
+                         "kernels): on CPU set SOLVER.AMP.DTYPE bfloat16, or SOLVER.AMP.ENABLED False")
+    return dtypes[name]
+
+
 class GuardedTrainer(SimpleTrainer):
-    """:class:`detectron2.engine.SimpleTrainer` (or, with ``amp``, its AMP variant) that
+    """:class:`detectron2.engine.SimpleTrainer` (or, with ``amp``, its AMP variant: autocast on
+    ``device`` in ``amp_dtype``, with a gradient scaler for float16) that
 
     * seeds Python, NumPy and torch from ``(seed, iteration, rank)`` before the forward
       pass, so the model's own sampling (proposal sampling, random regions) does not depend
@@ -41,23 +52,27 @@ class GuardedTrainer(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, *, seed: Optional[int] = None, nonfinite: str = "error",
-                 max_skips: int = 100, amp: bool = False, grad_scaler=None):
+                 max_skips: int = 100, amp: bool = False, amp_dtype: str = "float16", device: str = "cuda",
+                 grad_scaler=None):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"SOLVER.NONFINITE_LOSS={nonfinite!r}: use one of {NONFINITE_POLICIES}")
         super().__init__(model, data_loader, optimizer)
         self.seed, self.nonfinite, self.max_skips = seed, nonfinite, max_skips
         self.num_skipped = 0
         self.amp = amp
-        if amp and grad_scaler is None:
-            grad_scaler = torch.cuda.amp.GradScaler()
+        self.amp_device = torch.device(device).type
+        self.amp_dtype = _amp_dtype(amp_dtype, self.amp_device) if amp else None
+        if amp and grad_scaler is None and self.amp_dtype == torch.float16:
+            grad_scaler = torch.amp.GradScaler(self.amp_device)  # bf16 has float32's range: no scaling
         self.grad_scaler = grad_scaler
 
     @classmethod
     def from_config(cls, cfg, model, data_loader, optimizer, seed: Optional[int] = None):
         """The training step as the config sets it up (SOLVER.NONFINITE_LOSS,
-        SOLVER.MAX_NONFINITE_SKIPS, SOLVER.AMP.ENABLED)."""
+        SOLVER.MAX_NONFINITE_SKIPS, SOLVER.AMP.ENABLED / DTYPE on MODEL.DEVICE)."""
         return cls(model, data_loader, optimizer, seed=seed, nonfinite=cfg.SOLVER.NONFINITE_LOSS,
-                   max_skips=cfg.SOLVER.MAX_NONFINITE_SKIPS, amp=cfg.SOLVER.AMP.ENABLED)
+                   max_skips=cfg.SOLVER.MAX_NONFINITE_SKIPS, amp=cfg.SOLVER.AMP.ENABLED,
+                   amp_dtype=cfg.SOLVER.AMP.DTYPE, device=cfg.MODEL.DEVICE)
 
     def _bad_terms(self, loss_dict):
         bad = {k: float(v.detach().float().sum()) for k, v in loss_dict.items()
@@ -77,7 +92,7 @@ class GuardedTrainer(SimpleTrainer):
         data_time = time.perf_counter() - start
         if self.seed is not None:
             seed_all(self.seed, 1 << 20, self.iter, comm.get_rank())
-        autocast = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
+        autocast = torch.autocast(self.amp_device, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
         with autocast:
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):

@@ -50,6 +50,9 @@ class ThreadedROIAlign(nn.Module):
         threads = torch.get_num_threads()
         if input.device.type != "cpu" or threads <= 1 or rois.shape[0] < max(self.min_regions, 2):
             return self.inner(input, rois)
+        # torchvision's kernel makes its input contiguous on every call: once here, not once per
+        # slice (a channels-last feature map from the folded backbone would be copied per slice)
+        input = input.contiguous()
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
         # autocast is per thread too: the workers get the caller's, so that torchvision's
         # autocast wrapper pools bf16 input in float32 (its CPU kernel has no bf16)

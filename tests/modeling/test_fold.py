@@ -38,6 +38,34 @@ def test_folded_clip_resnet_equals_the_original(tiny_clip_config):
                                    backbone.bottom_up.encode_pooled_regions(pooled), atol=1e-4, rtol=1e-4)
 
 
+def test_folded_copy_shares_what_it_does_not_fold(tiny_clip_config):
+    """The copy costs only the folded convolutions' weights: the rest (here the attention pool)
+    is the original's tensors; with channels_last every convolution weight of the copy is
+    channels-last, while the original keeps its own format and requires_grad."""
+    cfg = get_regionclip_cfg("configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf_GT.yaml",
+                             ["MODEL.CLIP.OPENCLIP_MODEL_CONFIG", tiny_clip_config, "MODEL.CLIP.TEXT_EMB_DIM", 64])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    randomize_batchnorm_stats(backbone)
+    grads = {k: p.requires_grad for k, p in backbone.named_parameters()}
+    folded = folded_copy(backbone, channels_last=True)
+    orig = dict(backbone.named_parameters())
+    new = dict(folded.named_parameters())
+    pool = [k for k in new if "attnpool" in k]
+    assert pool and all(new[k] is orig[k] for k in pool)
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(m.weight.data_ptr() == p.data_ptr() for m in convs for p in orig.values())
+    assert {k: p.requires_grad for k, p in orig.items()} == grads and any(grads.values())
+    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ref, got = backbone(x), folded(x)
+    assert got["res4"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got["res4"], ref["res4"], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("norm", ["FrozenBN", "BN"])  # BN in eval mode: a trained RPN branch's
 def test_folded_detectron2_resnet_fpn_equals_the_original(norm):
     cfg = get_regionclip_cfg("configs/synthetic/rpn_R_18_FPN_world.yaml", ["MODEL.RESNETS.NORM", norm])
@@ -60,7 +88,7 @@ def test_folded_detectron2_resnet_fpn_equals_the_original(norm):
 @pytest.mark.parametrize("config", ["configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml",
                                     "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_FPN_zsinf.yaml"])
 def test_fold_batchnorm_option_gives_the_same_detections(config, tiny_clip_config):
-    """MODEL.CLIP.FOLD_BATCHNORM: RPN mode through folded copies of both backbones (and of res5
+    """MODEL.CLIP.FOLD_BATCHNORM (the default): RPN mode through folded copies of both backbones (and of res5
     on the regions in C4) gives the unfolded detections; the model's own modules, state dict
     and training are untouched, and the copies follow weight changes."""
     import copy
@@ -79,6 +107,8 @@ def test_fold_batchnorm_option_gives_the_same_detections(config, tiny_clip_confi
         head.anchor_deltas.weight.zero_()  # detectron2's initial ones, folded too; randomised ones: tests above)
         head.anchor_deltas.bias.zero_()
     x = [image_input(96, 128, seed=3)]
+    assert model.fold_batchnorm  # the config's default
+    model.fold_batchnorm = False
     ref = model(x)[0]["instances"]
     keys = set(model.state_dict())
     model.fold_batchnorm = True
@@ -88,6 +118,8 @@ def test_fold_batchnorm_option_gives_the_same_detections(config, tiny_clip_confi
     out = model(x)[0]["instances"]
     assert calls and _count(model.folded_modules()["backbone"]) == 0
     assert _count(model.folded_modules()["offline_backbone"]) == 0
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout on CPU
+               for c in model.folded_modules().values() for m in c.modules() if isinstance(m, torch.nn.Conv2d))
     assert len(out) == len(ref) > 0
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-3, rtol=0)

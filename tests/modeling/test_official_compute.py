@@ -61,3 +61,26 @@ def test_operation_counts_by_hand(tiny_clip_config):
     g = oc.count_flops(model, [image_input(96, 128, boxes=BOXES)], 3)
     assert g["attnpool"] > g["attnpool_one_query"] > 0 and g["res5"] > 0 and g["backbone_res4"] > 0
     assert "rpn_branch" not in g
+
+
+def test_stage_timer_follows_deep_copies():
+    """bench/run.py's stage timer patches module methods in place; a deep copy of a patched module
+    (the detector's folded inference copies) must run, and time, its own method, not the original's."""
+    import copy
+
+    import run as bench_run
+
+    timer = bench_run.StageTimer()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    timer.patch(lin, "forward", "linear")
+    dup = copy.deepcopy(lin)
+    with torch.no_grad():
+        dup.weight.zero_()
+        dup.bias.fill_(1.0)
+    x = torch.randn(4, 3)
+    assert torch.equal(dup(x), torch.ones(4, 2))  # the copy's own weights
+    assert "linear" in timer.t
+    timer.reset()
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert "linear" in timer.t

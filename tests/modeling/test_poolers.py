@@ -32,6 +32,8 @@ def test_threaded_roi_align_is_exact(two_threads):
     with torch.inference_mode():
         assert torch.equal(threaded(x, rois), plain(x, rois))
         assert torch.equal(threaded(x, rois[:3]), plain(x, rois[:3]))  # below the threshold: one call
+        # a channels-last feature map (the folded backbones' output) pools the same
+        assert torch.equal(threaded(x.contiguous(memory_format=torch.channels_last), rois), plain(x, rois))
         assert threaded(x, rois[:0]).shape == (0, 8, 7, 7)
     # training: the same gradients
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()

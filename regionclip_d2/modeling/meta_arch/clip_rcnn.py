@@ -56,7 +56,7 @@ class CLIPFastRCNN(TwoBranchModel):
                  inference_dtype: str = "float32", channels_last: bool = False,
                  train_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
                  test_vocabulary: Union[torch.Tensor, Sequence[str], None] = None,
-                 lang_encoder_loaded: bool = False, rpn_weights_file: str = "", fold_batchnorm: bool = False,
+                 lang_encoder_loaded: bool = False, rpn_weights_file: str = "", fold_batchnorm: bool = True,
                  ensemble: Optional[RegionEnsemble] = None):
         super().__init__()
         self.__dict__["fold_batchnorm"] = fold_batchnorm

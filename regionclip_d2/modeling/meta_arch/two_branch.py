@@ -137,15 +137,18 @@ class TwoBranchModel(nn.Module):
     def folded_modules(self) -> Dict[str, nn.Module]:
         """Copies of ``backbone`` and the RPN branch's backbone with their fixed BatchNorms folded
         into the convolutions (``regionclip_d2.modeling.fold``), made on first use after the
-        model last changed mode, weights or device. Changing parameters in place afterwards
-        needs :meth:`drop_folded` (``model.eval()`` does it)."""
+        model last changed mode, weights or device. They share the weights folding leaves alone
+        and are in channels-last memory format on CPU (oneDNN's fast layout; measured by
+        ``bench/fold_frozen_bn.py``) and, on other devices, with ``MODEL.CLIP.CHANNELS_LAST``.
+        Changing parameters in place afterwards needs :meth:`drop_folded` (``model.eval()`` does it)."""
         from ..fold import folded_copy
 
         with _FOLD_LOCK:
             if self._folded is None:
-                folded = {"backbone": folded_copy(self.backbone)}
+                cl = self.device.type == "cpu" or bool(getattr(self, "channels_last", False))
+                folded = {"backbone": folded_copy(self.backbone, channels_last=cl)}
                 if self.has_rpn_branch:
-                    folded["offline_backbone"] = folded_copy(self.offline_backbone)
+                    folded["offline_backbone"] = folded_copy(self.offline_backbone, channels_last=cl)
                 self.__dict__["_folded"] = folded
             return self._folded
 
