@@ -48,7 +48,9 @@ def add_regionclip_config(cfg):
     c.ONLY_SAMPLE_FG_PROPOSALS = False  # train on foreground proposals only
     c.REGION_CHUNK_SIZE = 100  # pool + encode (res5, attention pool) at most this many regions at once (0 = all)
     c.INFERENCE_DTYPE = "float32"  # inference compute type: float32 | bfloat16 (opt-in, CPU autocast or CUDA)
-    c.CHANNELS_LAST = False  # run the CLIP backbone in channels-last memory format (opt-in)
+    # the CLIP backbone itself in channels-last memory format, in training too (opt-in; inference's folded copies,
+    # FOLD_BATCHNORM, are channels-last on CPU anyway, and follow this option on other devices)
+    c.CHANNELS_LAST = False
     # inference runs copies of both backbones with their fixed BatchNorms folded into the convolutions, channels-last
     # on CPU (same detections within 1e-4; bench/run.py: RPN mode, 100 regions, 1.5x the official compute; README)
     c.FOLD_BATCHNORM = True
