@@ -409,10 +409,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per setting")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--train-variants", nargs="+", choices=["fp32", "channels-last", "bf16"],
-                    default=["fp32", "channels-last", "bf16"],
+    ap.add_argument("--train-variants", nargs="+", choices=["fp32", "channels-last", "bf16"], default=None,
                     help="training-step variants, each in its own process (bf16: CPU autocast, as SOLVER.AMP.ENABLED "
-                         "with DTYPE bfloat16; one measured step); default: %(default)s")
+                         "with DTYPE bfloat16; one measured step); default: fp32 channels-last, and bf16 on CPUs "
+                         "with bf16 instructions (elsewhere a bf16 step takes minutes)")
     ap.add_argument("--opts", nargs="*", default=[], help="config overrides for every detector setting")
     ap.add_argument("--render", action="store_true",
                     help="only write results.md again from the results.json in --out (no measurement)")
@@ -497,10 +497,13 @@ def main(argv=None):
                 results["stock"].append(row)
                 save()
     if "train" in groups:
+        from regionclip_d2.synthetic.clip_training import cpu_has_fast_bf16
+
+        train_variants = args.train_variants or ["fp32", "channels-last"] + (["bf16"] if cpu_has_fast_bf16() else [])
         for kind in ("pretrain", "transfer"):
             size = (480, 640)
             # channels-last is a detector option (MODEL.CLIP.CHANNELS_LAST): not for the pretraining model
-            for variant in [v for v in args.train_variants if not (kind == "pretrain" and v == "channels-last")]:
+            for variant in [v for v in train_variants if not (kind == "pretrain" and v == "channels-last")]:
                 print(f"training step: {kind}, {variant} ...", flush=True)
                 r = run_child("train", dict(base, kind=kind, size=size, variant=variant, warmup=1,
                                             repeats=max(2, repeats // 2) if variant != "bf16" else 1), args.timeout)
