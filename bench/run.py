@@ -5,7 +5,8 @@ not depend on weight values).
 Measured, each in its own subprocess (so peak memory is per setting):
   * zero-shot inference of CLIPFastRCNN in GT and RPN mode at 800x1333 and 480x640, with
     vocabularies of 65 and 1203 classes and 100 / 300 / 1000 regions: median and spread of
-    repeated runs after warm-up, a breakdown by stage, and peak resident memory;
+    repeated runs after warm-up, a breakdown by stage, and peak resident memory with where it
+    goes (libraries, model weights by part, the folded inference copies, inference on top);
   * the limit: the bare compute the method needs, as plain module calls in the same
     process (CLIP backbone to res4 on the image + res5 and attention pool on the regions
     + the RPN branch's backbone in RPN mode); reported as end-to-end / limit;
