@@ -276,7 +276,7 @@ def child_train(args):
     torch.set_num_threads(args.threads)
     h, w = args.size
     torch.manual_seed(0)
-    variant = getattr(args, "variant", "fp32")
+    variant = args.variant
     opts = list(args.opts) + (["MODEL.CLIP.CHANNELS_LAST", True] if variant == "channels-last" else [])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
     if args.kind == "pretrain":
